@@ -1,0 +1,292 @@
+"""How each kind of hyper-connection computes its coefficients: configs, initial
+parameters and the coefficient functions, as plain dataclasses and pure functions.
+
+The NNX and Linen modules are thin shells over these, so both share one set of math and
+parameter names. Everything on the coefficient path runs in float32 with full-precision
+matmuls, whatever the streams' dtype, and looks at one token at a time (causal).
+"""
+
+import dataclasses
+import itertools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mhc_jax.sinkhorn import sinkhorn_knopp
+from mhc_jax.streams import Coefficients
+
+Params = dict[str, jax.Array]
+_HIGHEST = jax.lax.Precision.HIGHEST
+MAX_PERMUTATION_STREAMS = 6  # 6! = 720 permutation matrices; 7! = 5040 is past any use
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_nonnegative(name: str, value) -> None:
+  if not value >= 0:
+    raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def check_streams(streams: jax.Array, num_streams: int, dim: int) -> None:
+  """Raises a ValueError naming `streams` unless its last two axes are `[num_streams, dim]`."""
+  shape = tuple(getattr(streams, "shape", ()))
+  if len(shape) < 2 or shape[-2:] != (num_streams, dim):
+    raise ValueError(
+        f"streams must have shape [..., num_streams={num_streams}, dim={dim}], got {shape}")
+
+
+def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
+  """Un-weighted RMSNorm over the last axis, in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def one_hot_logits(num_streams: int, layer_index: int, on: float, off: float) -> np.ndarray:
+  """`on` at stream `layer_index mod n`, `off` elsewhere: which stream a layer reads first."""
+  logits = np.full((num_streams,), off, np.float32)
+  logits[layer_index % num_streams] = on
+  return logits
+
+
+def identity_logit_gap(num_choices: int, identity_weight: float) -> float:
+  """Logit gap that gives the identity `identity_weight` of a softmax over `num_choices`."""
+  if num_choices == 1:
+    return 0.0
+  return math.log(identity_weight * (num_choices - 1) / (1.0 - identity_weight))
+
+
+def permutation_matrices(num_streams: int) -> np.ndarray:
+  """All `n!` permutation matrices `[n!, n, n]`, the identity first."""
+  perms = list(itertools.permutations(range(num_streams)))
+  return np.stack([np.eye(num_streams, dtype=np.float32)[list(p)] for p in perms])
+
+
+# --------------------------------------------------------------------------------------------
+# Hyper-Connections (Zhu et al., arXiv:2409.19606)
+
+
+@dataclasses.dataclass(frozen=True)
+class HCConfig:
+  """Static or dynamic Hyper-Connections at one site.
+
+  Static: `H_pre = A_m` (init one-hot at stream `layer_index mod n`), `H_post = B` (init
+  ones), `H_res = A_r` (init identity). Dynamic adds, from each stream's own RMS-normalised
+  features `X̄`: `s_α·tanh(X̄ W_m)` to `A_m`, `s_β·tanh(X̄ W_β)` to `B` and
+  `s_α·tanh(X̄ W_r)` to `A_r` (the paper's `A_r^T H` convention: row j of `X̄ W_r` is how
+  stream j feeds the outputs, i.e. column j of `H_res`). `W` start at 0, `s_α = s_β = 0.01`.
+  """
+
+  num_streams: int
+  dim: int
+  layer_index: int = 0
+  dynamic: bool = True
+  use_tanh: bool = True
+  norm_eps: float = 1e-6
+  scale_init: float = 0.01
+
+  def __post_init__(self):
+    _check_int("num_streams", self.num_streams, 1)
+    _check_int("dim", self.dim, 1)
+    _check_int("layer_index", self.layer_index, 0)
+    _check_nonnegative("norm_eps", self.norm_eps)
+
+  def init_params(self, key: jax.Array) -> Params:
+    del key  # the paper's initialisation is deterministic
+    n, c = self.num_streams, self.dim
+    params = {
+        "static_pre": jnp.asarray(one_hot_logits(n, self.layer_index, 1.0, 0.0)),
+        "static_post": jnp.ones((n,), jnp.float32),
+        "static_res": jnp.eye(n, dtype=jnp.float32),
+    }
+    if self.dynamic:
+      params |= {
+          "norm_scale": jnp.ones((c,), jnp.float32),
+          "w_pre": jnp.zeros((c,), jnp.float32),
+          "w_post": jnp.zeros((c,), jnp.float32),
+          "w_res": jnp.zeros((c, n), jnp.float32),
+          "scale_alpha": jnp.full((), self.scale_init, jnp.float32),
+          "scale_beta": jnp.full((), self.scale_init, jnp.float32),
+      }
+    return params
+
+  def coefficients(self, params: Params, streams: jax.Array) -> Coefficients:
+    """`[..., n, C]` -> Coefficients (shapes `[n]`, `[n]`, `[n, n]` when static)."""
+    h_pre, h_post, h_res = params["static_pre"], params["static_post"], params["static_res"]
+    if not self.dynamic:
+      return Coefficients(h_pre, h_post, h_res)
+    xbar = rms_normalise(streams, self.norm_eps) * params["norm_scale"]
+    squash = jnp.tanh if self.use_tanh else (lambda v: v)
+    dyn_pre = jnp.einsum("...nc,c->...n", xbar, params["w_pre"], precision=_HIGHEST)
+    dyn_post = jnp.einsum("...nc,c->...n", xbar, params["w_post"], precision=_HIGHEST)
+    dyn_res = jnp.einsum("...jc,ck->...kj", xbar, params["w_res"], precision=_HIGHEST)
+    alpha, beta = params["scale_alpha"], params["scale_beta"]
+    return Coefficients(
+        h_pre=h_pre + alpha * squash(dyn_pre),
+        h_post=h_post + beta * squash(dyn_post),
+        h_res=h_res + alpha * squash(dyn_res),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Manifold-Constrained Hyper-Connections (DeepSeek, arXiv:2512.24880) and mHC-lite
+
+
+@dataclasses.dataclass(frozen=True)
+class MHCConfig:
+  """mHC at one site: dynamic mappings from the flattened, RMS-normalised streams.
+
+      mixes  = (vec(X) @ phi) * rsqrt(mean(vec(X)^2) + norm_eps)      # norm after the matmul
+      H_pre  = sigmoid(alpha[0] * mixes_pre  + bias_pre) + pre_eps
+      H_post = 2 * sigmoid(alpha[1] * mixes_post + bias_post)
+      H_res  = SinkhornKnopp(alpha[2] * mat(mixes_res) + bias_res)    # res_mapping="sinkhorn"
+             = sum_k softmax(alpha[2] * mixes_res + bias_res)_k P_k   # res_mapping="permutations"
+
+  `phi` is `[n*C, 2n + R]` with column blocks pre `[0:n]`, post `[n:2n]`, res `[2n:]`
+  (`R = n²`, row-major `H_res` logits; or `R = n!` for mHC-lite's permutation mixture).
+  `use_pre/use_post/use_res = False` is the paper's ablation: `1/n`, `1`, identity.
+
+  Initialisation (the paper leaves it open), chosen so a fresh network is a pre-norm
+  residual network plus a perturbation of order `alpha = 0.01`:
+    * `bias_post = 0`: `H_post = 1` on every stream, so copies of the embedding stay equal
+      copies and every stream receives exactly the baseline's `x + F(norm(x))`.
+    * `bias_pre = +1` at stream `layer_index mod n`, `-1` elsewhere: with equal streams the
+      branch input is a multiple of `x`, which the block's own norm removes; the asymmetry
+      breaks the symmetry between streams in the backward pass, as HC's one-hot `A_m` does.
+    * `bias_res`: a logit gap on the identity such that `H_res` (or the identity
+      permutation's weight) starts at `res_init_identity = 0.95`: near the identity, yet
+      `H(1-H)` ≈ 0.05 keeps the Sinkhorn gradient alive (a gap of 20 would freeze it).
+    * `phi ~ N(0, 1/(n C))`: `mixes` start as unit-variance token-dependent signals, so the
+      dynamic part of every logit starts at about `alpha = 0.01`.
+  """
+
+  num_streams: int
+  dim: int
+  layer_index: int = 0
+  res_mapping: Literal["sinkhorn", "permutations"] = "sinkhorn"
+  sinkhorn_iters: int = 20
+  sinkhorn_eps: float = 0.0
+  pre_eps: float = 0.0
+  norm_eps: float = 1e-6
+  use_pre: bool = True
+  use_post: bool = True
+  use_res: bool = True
+  alpha_init: float = 0.01
+  res_init_identity: float = 0.95
+
+  def __post_init__(self):
+    _check_int("num_streams", self.num_streams, 1)
+    _check_int("dim", self.dim, 1)
+    _check_int("layer_index", self.layer_index, 0)
+    _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
+    for name in ("sinkhorn_eps", "pre_eps", "norm_eps"):
+      _check_nonnegative(name, getattr(self, name))
+    if self.res_mapping not in ("sinkhorn", "permutations"):
+      raise ValueError(
+          f"res_mapping must be 'sinkhorn' or 'permutations', got {self.res_mapping!r}")
+    if self.res_mapping == "permutations" and self.num_streams > MAX_PERMUTATION_STREAMS:
+      raise ValueError(f"num_streams must be <= {MAX_PERMUTATION_STREAMS} with "
+                       f"res_mapping='permutations' (n! mixtures), got {self.num_streams}")
+    if not 0.0 < self.res_init_identity < 1.0:
+      raise ValueError(f"res_init_identity must be in (0, 1), got {self.res_init_identity!r}")
+
+  @property
+  def num_res_logits(self) -> int:
+    if self.res_mapping == "permutations":
+      return math.factorial(self.num_streams)
+    return self.num_streams**2
+
+  def init_params(self, key: jax.Array) -> Params:
+    n, c = self.num_streams, self.dim
+    width = 2 * n + self.num_res_logits
+    if self.res_mapping == "permutations":
+      bias_res = np.zeros((self.num_res_logits,), np.float32)
+      bias_res[0] = identity_logit_gap(self.num_res_logits, self.res_init_identity)
+    else:
+      bias_res = (np.eye(n, dtype=np.float32) *
+                  identity_logit_gap(n, self.res_init_identity)).reshape(-1)
+    bias = np.concatenate([one_hot_logits(n, self.layer_index, 1.0, -1.0),
+                           np.zeros((n,), np.float32), bias_res])
+    return {
+        "phi": jax.random.normal(key, (n * c, width), jnp.float32) / math.sqrt(n * c),
+        "alpha": jnp.full((3,), self.alpha_init, jnp.float32),
+        "bias": jnp.asarray(bias),
+    }
+
+  def coefficients(self, params: Params, streams: jax.Array) -> Coefficients:
+    """`[..., n, C]` -> Coefficients with shapes `[..., n]`, `[..., n]`, `[..., n, n]`."""
+    n = self.num_streams
+    flat = streams.reshape(*streams.shape[:-2], n * self.dim).astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + self.norm_eps)
+    mixes = jnp.dot(flat, params["phi"], precision=_HIGHEST) * inv_rms
+    alpha, bias = params["alpha"], params["bias"]
+    batch = mixes.shape[:-1]
+
+    if self.use_pre:
+      h_pre = jax.nn.sigmoid(alpha[0] * mixes[..., :n] + bias[:n]) + self.pre_eps
+    else:
+      h_pre = jnp.full((*batch, n), 1.0 / n, jnp.float32)
+    if self.use_post:
+      h_post = 2.0 * jax.nn.sigmoid(alpha[1] * mixes[..., n:2 * n] + bias[n:2 * n])
+    else:
+      h_post = jnp.ones((*batch, n), jnp.float32)
+    if not self.use_res:
+      h_res = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (*batch, n, n))
+    else:
+      res_logits = alpha[2] * mixes[..., 2 * n:] + bias[2 * n:]
+      if self.res_mapping == "permutations":
+        weights = jax.nn.softmax(res_logits, axis=-1)
+        h_res = jnp.einsum("...k,kij->...ij", weights, permutation_matrices(n),
+                           precision=_HIGHEST)
+      else:
+        h_res = sinkhorn_knopp(res_logits.reshape(*batch, n, n), self.sinkhorn_iters,
+                               eps=self.sinkhorn_eps)
+    return Coefficients(h_pre, h_post, h_res)
+
+
+# --------------------------------------------------------------------------------------------
+# Learned output head (DeepSeek-V4 "HyperHead")
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """Collapses the streams with learned per-token sigmoid weights (DeepSeek-V4's head):
+
+      weights = sigmoid(alpha * (vec(X) @ phi) * rsqrt(mean(vec(X)^2) + norm_eps) + bias) + eps
+      out     = sum_i weights_i X_i
+
+  Init: `bias = 0` (every weight 1/2; the final norm that follows removes the scale),
+  `alpha = 0.01`, `phi ~ N(0, 1/(n C))`.
+  """
+
+  num_streams: int
+  dim: int
+  eps: float = 0.0
+  norm_eps: float = 1e-6
+  alpha_init: float = 0.01
+
+  def __post_init__(self):
+    _check_int("num_streams", self.num_streams, 1)
+    _check_int("dim", self.dim, 1)
+    _check_nonnegative("eps", self.eps)
+    _check_nonnegative("norm_eps", self.norm_eps)
+
+  def init_params(self, key: jax.Array) -> Params:
+    n, c = self.num_streams, self.dim
+    return {
+        "phi": jax.random.normal(key, (n * c, n), jnp.float32) / math.sqrt(n * c),
+        "alpha": jnp.full((1,), self.alpha_init, jnp.float32),
+        "bias": jnp.zeros((n,), jnp.float32),
+    }
+
+  def weights(self, params: Params, streams: jax.Array) -> jax.Array:
+    """`[..., n, C]` -> `[..., n]` per-token stream weights."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + self.norm_eps)
+    mixes = jnp.dot(flat, params["phi"], precision=_HIGHEST) * inv_rms
+    return jax.nn.sigmoid(params["alpha"][0] * mixes + params["bias"]) + self.eps
