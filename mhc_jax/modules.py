@@ -45,7 +45,8 @@ class HyperConnection(SiteMixin, _ParamsModule):
 
   def __init__(self, num_streams: int, dim: int, *, rngs: nnx.Rngs | None = None,
                sow_coefficients: bool = False, **options):
-    super().__init__(HCConfig(num_streams, dim, **options), rngs,
+    # The paper's initialisation is deterministic: rngs is accepted for symmetry only.
+    super().__init__(HCConfig(num_streams, dim, **options), rngs or nnx.Rngs(0),
                      sow_coefficients=sow_coefficients)
 
 
