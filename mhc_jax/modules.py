@@ -2,7 +2,8 @@
 
 Parameters are `nnx.Param` attributes named as in the configs' `init_params`. With
 `sow_coefficients=True` each call also sows its `Coefficients` as `nnx.Intermediate`
-`coefficients`, for diagnostics from the same forward pass (`nnx.pop(model, nnx.Intermediate)`).
+`coefficients`, for diagnostics from the same forward pass:
+`out, intermediates = nnx.capture(model, nnx.Intermediate)(x)`.
 """
 
 import jax
