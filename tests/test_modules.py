@@ -58,11 +58,15 @@ def mhc_reference(p, x, cfg: MHCConfig):
 
 
 def hc_reference(p, x, cfg: HCConfig):
-  """HC paper: H' = B^T F(H^T A_m) + A_r^T H with A = static + s·tanh(X̄ W)."""
-  xbar = rms_norm(x, cfg.norm_eps) * p["norm_scale"]
-  a_m = p["static_pre"] + p["scale_alpha"] * jnp.tanh(xbar @ p["w_pre"])
-  b = p["static_post"] + p["scale_beta"] * jnp.tanh(xbar @ p["w_post"])
-  a_r = jnp.swapaxes(p["static_res"], -1, -2) + p["scale_alpha"] * jnp.tanh(xbar @ p["w_res"])
+  """HC paper: H' = B^T F(H^T A_m) + A_r^T H with A = static (+ s·tanh(X̄ W) if dynamic)."""
+  a_m, b, a_r = p["static_pre"], p["static_post"], jnp.swapaxes(p["static_res"], -1, -2)
+  if cfg.dynamic:
+    xbar = rms_norm(x, cfg.norm_eps) * p["norm_scale"]
+    act = jnp.tanh if cfg.use_tanh else (lambda v: v)
+    a_m = a_m + p["scale_alpha"] * act(xbar @ p["w_pre"])
+    b = b + p["scale_beta"] * act(xbar @ p["w_post"])
+    a_r = a_r + p["scale_alpha"] * act(xbar @ p["w_res"])
+  a_m, b = jnp.broadcast_to(a_m, x.shape[:-1]), jnp.broadcast_to(b, x.shape[:-1])
   return a_m, b, jnp.swapaxes(a_r, -1, -2)  # H_res = A_r^T
 
 
@@ -85,6 +89,8 @@ def branch(x):
 
 MODULES = {
     "hc": lambda **kw: mhc_jax.HyperConnection(N, C, layer_index=1, rngs=nnx.Rngs(0), **kw),
+    "hc_no_tanh": lambda **kw: mhc_jax.HyperConnection(N, C, use_tanh=False, **kw),
+    "hc_static": lambda **kw: mhc_jax.HyperConnection(N, C, layer_index=2, dynamic=False, **kw),
     "mhc": lambda **kw: mhc_jax.ManifoldHyperConnection(N, C, rngs=nnx.Rngs(0), **kw),
     "mhc_eps": lambda **kw: mhc_jax.ManifoldHyperConnection(
         N, C, rngs=nnx.Rngs(0), sinkhorn_eps=1e-3, pre_eps=1e-3, sinkhorn_iters=7, **kw),
@@ -125,7 +131,8 @@ def test_site_matches_float64_reference_forward_and_backward(kind):
 def test_nnx_and_linen_agree_on_the_same_parameters(kind):
   module = random_params(MODULES[kind](), seed=4)
   x = random(5, (3, N, C))
-  cls = mhc_jax.linen.HyperConnection if kind == "hc" else mhc_jax.linen.ManifoldHyperConnection
+  cls = (mhc_jax.linen.HyperConnection if kind.startswith("hc")
+         else mhc_jax.linen.ManifoldHyperConnection)
   linen_module = cls(module.config)
   variables = {"params": module._params()}
   assert jax.tree.structure(linen_module.init(jax.random.key(0), x, branch)) == \
