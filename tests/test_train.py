@@ -1,0 +1,138 @@
+"""The training loop: sharded == single-device, learning, exact resume, every variant, CLI."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mhc_jax.data import DataConfig
+from mhc_jax.metrics import read_metrics
+from mhc_jax.model import RESIDUALS, ModelConfig
+from mhc_jax.optim import OptimizerConfig
+from mhc_jax.sharding import MeshConfig
+from mhc_jax.train import LoopConfig, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Twelve small documents of pseudo-verse: learnable structure, nothing to download."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for d in range(12):
+    lines = [" ".join(rng.choice(WORDS, 6)).capitalize() + "." for _ in range(120)]
+    (root / f"doc{d:02d}.txt").write_text("\n".join(lines))
+  return str(root / "*.txt")
+
+
+def tiny_model(**overrides):
+  return ModelConfig(**{"d_model": 32, "num_layers": 2, "num_heads": 4, "mlp_dim": 64,
+                        **overrides})
+
+
+def run(workdir, corpus, *, steps, model=None, mesh=MeshConfig(), devices=None, **kwargs):
+  return train(
+      str(workdir), model=model or tiny_model(),
+      data=DataConfig(source=corpus, seq_len=32, batch_size=8),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
+      mesh=mesh, loop=LoopConfig(steps=steps, eval_every=steps, eval_batches=2,
+                                 checkpoint_every=1000, log_every=1),
+      devices=devices or jax.devices()[:int(np.prod(mesh.shape))], progress=False, **kwargs)
+
+
+def losses(history):
+  return np.array([row["train_loss"] for row in history])
+
+
+def test_sharded_mesh_matches_single_device(tmp_path, corpus):
+  assert len(jax.devices()) == 8
+  model = tiny_model(residual="mhc")
+  single = run(tmp_path / "one", corpus, steps=4, model=model, devices=jax.devices()[:1])
+  sharded = run(tmp_path / "eight", corpus, steps=4, model=model,
+                mesh=MeshConfig(data=2, fsdp=2, tensor=2))
+  np.testing.assert_allclose(losses(sharded), losses(single), rtol=1e-5)
+  np.testing.assert_allclose(sharded[-1]["eval_loss"], single[-1]["eval_loss"], rtol=1e-5)
+
+
+def test_loss_falls(tmp_path, corpus):
+  history = run(tmp_path, corpus, steps=100)
+  assert losses(history)[:5].mean() - losses(history)[-5:].mean() > 2.5
+  assert history[-1]["eval_loss"] < 3.0  # uniform over 258 bytes would be 5.55
+
+
+def test_resume_is_bitwise_identical(tmp_path, corpus):
+  model = tiny_model(residual="mhc")
+  straight = run(tmp_path / "straight", corpus, steps=6, model=model)
+  first = run(tmp_path / "resumed", corpus, steps=6, model=model, stop_after_step=3)
+  assert [row["step"] for row in first] == [1, 2, 3]
+  second = run(tmp_path / "resumed", corpus, steps=6, model=model)
+  assert [row["step"] for row in second] == [4, 5, 6]
+  np.testing.assert_array_equal(losses(first + second), losses(straight))
+  logged = read_metrics(tmp_path / "resumed")
+  assert [row["step"] for row in logged] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_every_residual_variant_trains_without_nan(tmp_path, corpus, residual):
+  history = run(tmp_path, corpus, steps=3, model=tiny_model(residual=residual, dtype="bfloat16"))
+  assert np.all(np.isfinite(losses(history))) and np.isfinite(history[-1]["eval_loss"])
+  assert all(np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in history)
+
+
+def cli(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "mhc_jax.train", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_writes_its_workdir(tmp_path, corpus):
+  proc = cli("--gin_file", "shakespeare_tiny.gin", "--gin_param", f"DataConfig.source = '{corpus}'",
+             "--gin_param", "LoopConfig.steps = 4", "--gin_param", "LoopConfig.eval_every = 2",
+             "--gin_param", "DataConfig.seq_len = 32", "--workdir", str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  assert "parameters" in proc.stdout
+  assert [row["step"] for row in read_metrics(tmp_path)] == [2, 4]
+  assert "LoopConfig.steps = 4" in (tmp_path / "config.gin").read_text()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--gin_param", "NoSuchThing.value = 3"], "NoSuchThing"),
+    (["--gin_param", "ModelConfig.no_such_field = 3"], "no_such_field"),
+    (["--gin_param", "ModelConfig.d_model = (("], "ModelConfig.d_model"),
+    (["--gin_file", "no_such_file.gin"], "no_such_file.gin"),
+])
+def test_cli_bad_config_is_one_line_and_exit_code_2(tmp_path, args, culprit):
+  proc = cli(*args, "--workdir", str(tmp_path))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and culprit in lines[0], proc.stderr
+
+
+def test_tpu_pod_config_lowers_on_256_abstract_devices():
+  code = """
+import jax
+jax.config.update("jax_num_cpu_devices", 256)
+import gin
+from mhc_jax import train as t
+gin.add_config_file_search_path(str(t.GIN_CONFIG_DIR))
+gin.parse_config_file("tpu_pod_mhc.gin")
+cfg = gin.get_bindings("train")
+trainer = t.Trainer(cfg["model"], cfg["optimizer"], cfg["mesh"], cfg["loop"],
+                    cfg["data"].batch_size)
+lowered = trainer.lower_train_step(cfg["data"].seq_len, cfg["data"].batch_size)
+print(trainer.num_params, dict(trainer.mesh.shape), len(lowered.as_text()) > 0)
+"""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  num_params, mesh, lowered = proc.stdout.split(" ", 1)[0], proc.stdout, proc.stdout
+  assert 300e6 < int(num_params) < 500e6
+  assert "'data': 16, 'fsdp': 8, 'tensor': 2" in mesh and lowered.strip().endswith("True")
