@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax.data import Corpus, DataConfig
+from mhc_jax.generate import sample_text
 from mhc_jax.metrics import MetricsWriter, ProgressBar
 from mhc_jax.model import ModelConfig, Transformer, count_params
 from mhc_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
@@ -161,11 +162,14 @@ def train(workdir: str,
           loop: LoopConfig = LoopConfig(),
           devices=None,
           progress: bool = True,
-          stop_after_step: int | None = None) -> list[dict]:
+          stop_after_step: int | None = None,
+          sample_tokens: int = 200,
+          sample_prompt: str = "ROMEO.\n") -> list[dict]:
   """Trains (or resumes) in `workdir`; returns this call's logged metrics.
 
   `stop_after_step` ends this invocation early, with a checkpoint, as a job with a time
   limit would; the schedule still spans `loop.steps`, so a later call continues exactly.
+  At the end, `sample_tokens` bytes continuing `sample_prompt` are printed (0: none).
   """
   workdir = pathlib.Path(workdir)
   _check_workdir(workdir)
@@ -221,6 +225,10 @@ def train(workdir: str,
     bar.close()
   if jax.process_index() == 0:
     (workdir / "config.gin").write_text(gin.operative_config_str())
+    if sample_tokens and last == loop.steps:
+      model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
+      text = sample_text(model_, sample_prompt, num_tokens=sample_tokens, context=data.seq_len)
+      print(f"sample after {last} steps:\n{text}", flush=True)
   return history
 
 

@@ -43,7 +43,8 @@ def run(workdir, corpus, *, steps, model=None, mesh=MeshConfig(), devices=None, 
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
       mesh=mesh, loop=LoopConfig(steps=steps, eval_every=steps, eval_batches=2,
                                  checkpoint_every=1000, log_every=1),
-      devices=devices or jax.devices()[:int(np.prod(mesh.shape))], progress=False, **kwargs)
+      devices=devices or jax.devices()[:int(np.prod(mesh.shape))], progress=False,
+      **{"sample_tokens": 0, **kwargs})
 
 
 def losses(history):

@@ -1,0 +1,26 @@
+"""Sampling from a trained model, to see what it learned."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mhc_jax.data import decode, encode
+
+
+def sample_text(model, prompt: str, *, num_tokens: int, context: int, temperature: float = 0.8,
+                seed: int = 0) -> str:
+  """Continues `prompt` by `num_tokens` bytes, re-reading the last `context` tokens each step
+  (no KV cache: these models are small and this runs once per training run)."""
+  tokens = list(encode(prompt))
+  key = jax.random.key(seed)
+  # Right-padded to a fixed length so it compiles once; causal attention keeps the padding
+  # invisible to the position whose logits are read.
+  forward = jax.jit(lambda ids, last: model(ids)[0, last])
+  for _ in range(num_tokens):
+    window = np.asarray(tokens[-context:], np.int32)
+    padded = np.zeros((1, context), np.int32)
+    padded[0, :len(window)] = window
+    key, sub = jax.random.split(key)
+    logits = forward(jnp.asarray(padded), len(window) - 1)
+    tokens.append(int(jax.random.categorical(sub, logits / temperature)))
+  return decode(tokens)
