@@ -95,9 +95,10 @@ def cli(*args, cwd=REPO):
 def test_cli_trains_and_writes_its_workdir(tmp_path, corpus):
   proc = cli("--gin_file", "shakespeare_tiny.gin", "--gin_param", f"DataConfig.source = '{corpus}'",
              "--gin_param", "LoopConfig.steps = 4", "--gin_param", "LoopConfig.eval_every = 2",
-             "--gin_param", "DataConfig.seq_len = 32", "--workdir", str(tmp_path))
+             "--gin_param", "DataConfig.seq_len = 32", "--gin_param", "train.sample_tokens = 5",
+             "--workdir", str(tmp_path))
   assert proc.returncode == 0, proc.stderr
-  assert "parameters" in proc.stdout
+  assert "parameters" in proc.stdout and "sample after 4 steps" in proc.stdout
   assert [row["step"] for row in read_metrics(tmp_path)] == [2, 4]
   assert "LoopConfig.steps = 4" in (tmp_path / "config.gin").read_text()
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
