@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhc_jax.sinkhorn import sinkhorn_knopp
+from mhc_jax.sinkhorn import BACKENDS, sinkhorn_knopp
 from mhc_jax.streams import Coefficients
 
 Params = dict[str, jax.Array]
@@ -150,6 +150,7 @@ class MHCConfig:
   `phi` is `[n*C, 2n + R]` with column blocks pre `[0:n]`, post `[n:2n]`, res `[2n:]`
   (`R = n²`, row-major `H_res` logits; or `R = n!` for mHC-lite's permutation mixture).
   `use_pre/use_post/use_res = False` is the paper's ablation: `1/n`, `1`, identity.
+  `sinkhorn_backend`: see `mhc_jax.sinkhorn_knopp` ("auto": Pallas on TPU/GPU, XLA on CPU).
 
   Initialisation (the paper leaves it open), chosen so a fresh network is a pre-norm
   residual network plus a perturbation of order `alpha = 0.01`:
@@ -171,6 +172,7 @@ class MHCConfig:
   res_mapping: Literal["sinkhorn", "permutations"] = "sinkhorn"
   sinkhorn_iters: int = 20
   sinkhorn_eps: float = 0.0
+  sinkhorn_backend: str = "auto"
   pre_eps: float = 0.0
   norm_eps: float = 1e-6
   use_pre: bool = True
@@ -186,6 +188,9 @@ class MHCConfig:
     _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
     for name in ("sinkhorn_eps", "pre_eps", "norm_eps"):
       _check_nonnegative(name, getattr(self, name))
+    if self.sinkhorn_backend not in BACKENDS:
+      raise ValueError(f"sinkhorn_backend must be one of {', '.join(BACKENDS)}; got "
+                       f"{self.sinkhorn_backend!r}")
     if self.res_mapping not in ("sinkhorn", "permutations"):
       raise ValueError(
           f"res_mapping must be 'sinkhorn' or 'permutations', got {self.res_mapping!r}")
@@ -245,7 +250,7 @@ class MHCConfig:
                            precision=_HIGHEST)
       else:
         h_res = sinkhorn_knopp(res_logits.reshape(*batch, n, n), self.sinkhorn_iters,
-                               eps=self.sinkhorn_eps)
+                               eps=self.sinkhorn_eps, backend=self.sinkhorn_backend)
     return Coefficients(h_pre, h_post, h_res)
 
 

@@ -42,6 +42,7 @@ class ModelConfig:
   num_streams: int = 4
   hc_dynamic: bool = True
   sinkhorn_iters: int = 20
+  sinkhorn_backend: str = "auto"
   tie_embeddings: bool = True
   dtype: str = "float32"
   rope_base: float = 10_000.0
@@ -147,7 +148,7 @@ def make_site(cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
   if cfg.residual in ("mhc", "mhc_lite"):
     return ManifoldHyperConnection(
         cfg.num_streams, cfg.d_model, layer_index=layer_index, rngs=rngs,
-        sinkhorn_iters=cfg.sinkhorn_iters,
+        sinkhorn_iters=cfg.sinkhorn_iters, sinkhorn_backend=cfg.sinkhorn_backend,
         res_mapping="permutations" if cfg.residual == "mhc_lite" else "sinkhorn")
   return None
 

@@ -1,12 +1,17 @@
-"""The checked public entry point for Sinkhorn-Knopp."""
+"""The checked public entry point for Sinkhorn-Knopp, and the choice of implementation."""
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from kernels_pallas.sinkhorn import sinkhorn_xla
+from kernels_pallas.sinkhorn import sinkhorn_pallas, sinkhorn_xla
+
+BACKENDS = ("auto", "xla", "pallas")
+_PALLAS_PLATFORMS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 
-def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0) -> jax.Array:
+def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0,
+                   backend: str = "auto") -> jax.Array:
   """Projects `[..., n, n]` logits onto (approximately) doubly-stochastic matrices.
 
   The mHC paper's algorithm: max-subtracted exp, then `num_iters` times a column
@@ -19,6 +24,12 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0) 
   result has that dtype. The gradient is the exact reverse of the unrolled iterations,
   recomputed from the saved logits. `-inf` logits are masked entries; every row and column
   must keep one finite entry.
+
+  `backend`: "xla", "pallas" (the TPU kernel on TPU, the GPU kernel on GPU, the TPU kernel in
+  interpret mode on CPU: slow, for testing), or "auto" (Pallas on TPU and GPU, XLA on CPU).
+  Under a mesh set with `jax.set_mesh`, the Pallas kernel runs per shard through
+  `jax.shard_map`, tokens split over every mesh axis (Pallas calls are not partitioned
+  automatically).
   """
   if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
     raise ValueError(f"logits must be an array, got {type(logits).__name__}")
@@ -33,4 +44,29 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0) 
     raise ValueError(f"num_iters must be an int >= 1, got {num_iters!r}")
   if not eps >= 0:
     raise ValueError(f"eps must be >= 0, got {eps!r}")
-  return sinkhorn_xla(logits, num_iters, float(eps))
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+  platform = _PALLAS_PLATFORMS.get(jax.default_backend())
+  if backend == "xla" or (backend == "auto" and platform is None):
+    return sinkhorn_xla(logits, num_iters, float(eps))
+  kernel = lambda x: sinkhorn_pallas(x, num_iters, float(eps), platform=platform or "tpu",
+                                     interpret=platform is None)
+  return _per_shard(kernel, logits)
+
+
+def _per_shard(kernel, logits: jax.Array) -> jax.Array:
+  """Runs `kernel` ([T, n, n] -> [T, n, n]) on each device's slice of the tokens when a
+  mesh is set; the token count is padded to a multiple of the device count."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(logits)
+  n = logits.shape[-1]
+  tokens = logits.reshape(-1, n, n)
+  count = tokens.shape[0]
+  tokens = jnp.pad(tokens, ((0, -count % mesh.size), (0, 0), (0, 0)))
+  spec = P(mesh.axis_names)
+  # check_vma=False: pallas_call's outputs carry no varying-axes annotation; every token's
+  # result depends on that token alone, so they vary over every axis the input does.
+  out = jax.shard_map(kernel, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)(tokens)
+  return out[:count].reshape(logits.shape)

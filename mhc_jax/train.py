@@ -96,13 +96,23 @@ class Trainer:
         self.state_shardings)
     self.batch_sharding = batch_sharding(self.mesh)
     batch_shardings = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
-    self.init_state = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self.train_step = jax.jit(self._train_step,
-                              in_shardings=(self.state_shardings, batch_shardings),
-                              out_shardings=(self.state_shardings, replicated),
-                              donate_argnums=0)
-    self.eval_step = jax.jit(self._loss, in_shardings=(param_shardings, batch_shardings),
-                             out_shardings=replicated)
+    self.init_state = self._under_mesh(
+        jax.jit(self._init_state, out_shardings=self.state_shardings))
+    self._jit_train_step = jax.jit(self._train_step,
+                                   in_shardings=(self.state_shardings, batch_shardings),
+                                   out_shardings=(self.state_shardings, replicated),
+                                   donate_argnums=0)
+    self.train_step = self._under_mesh(self._jit_train_step)
+    self.eval_step = self._under_mesh(jax.jit(
+        self._loss, in_shardings=(param_shardings, batch_shardings), out_shardings=replicated))
+
+  def _under_mesh(self, fn):
+    """Traces and runs `fn` with the mesh set, so that Pallas kernels inside the model can
+    split their work per shard (see `mhc_jax.sinkhorn`)."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
 
   def _init_state(self):
     model = Transformer(self.model_config, rngs=nnx.Rngs(self.loop.seed))
@@ -131,7 +141,8 @@ class Trainer:
     """Lowers the train step on abstract inputs: checks shapes and shardings of a config
     without allocating it (e.g. a pod-sized config on a few CPU devices)."""
     batch = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
-    return self.train_step.lower(self.abstract_state, {"inputs": batch, "targets": batch})
+    with jax.set_mesh(self.mesh):
+      return self._jit_train_step.lower(self.abstract_state, {"inputs": batch, "targets": batch})
 
   def evaluate(self, params, batches) -> float:
     losses = [float(self.eval_step(params, self.global_batch(b))) for b in batches]

@@ -1,19 +1,23 @@
-"""What the Pallas Sinkhorn kernels share: layout, per-entry math, custom VJP, dispatch.
+"""What the Pallas Sinkhorn kernels share: layout, in-kernel math, custom VJP, dispatch.
 
 Layout. The kernels take the batch lane-dense, `[..., n, n]` -> `(n, n, B)` float32 with the
-B = prod(...) tokens last, so every matrix entry `(i, j)` is a vector of tokens and a row or
-column sum is a plain add of `n` vectors (no cross-lane reductions, no 4-of-128-lane
-blocks). Each platform module pads B to its block size and slices the padding off again.
+B = prod(...) tokens last, so a matrix is a stack of token vectors and a row or column sum
+is an add across a leading axis: `n - 1` whole-vector adds, never a cross-lane reduction,
+never a block that fills 4 of 128 lanes. Each platform module pads B to its block size and
+slices the padding off again (zero logits: harmless, and tokens never mix).
 
-Math. A matrix inside a kernel is `Mat`: `m[i][j]` is entry (row i, column j), an array
-of tokens ((rows, 128) on TPU, (T,) on GPU). The functions below are those of
-`xla.py` written per entry, so both kernels run literally the same arithmetic:
+Math. Inside a kernel a matrix is an array `(n, n, *tokens)`: axis 0 is the row index i,
+axis 1 the column index j, as in `xla.py` with the tokens moved last. The functions below
+are `xla.py`'s, so both kernels run the same arithmetic:
 
 * the first iteration in the log domain (column log-softmax, `+ eps` as a log-add-exp,
   row log-sum-exp), which keeps logits of +-1e4 and `-inf` finite;
-* later iterations in the exp domain, dividing by `sum + eps` (via one reciprocal per
-  row/column, then multiplies: `n` divides instead of `n^2`);
+* later iterations in the exp domain, dividing by `sum + eps` through one reciprocal per
+  row/column and multiplies;
 * backward of one normalisation, on `g = dLoss/dlog M`: `g - M_after * sum_axis(g)`.
+
+`off`, where given, marks entries outside the real matrix (the GPU kernel pads n to a power
+of two; see `gpu.py`). They must stay exactly 0, which only the `+ eps` step would break.
 
 Custom VJP. The forward saves only the logits; the backward kernel recomputes the
 iterates on chip and reverses every normalisation exactly, like `xla._bwd`.
@@ -21,15 +25,16 @@ iterates on chip and reverses every normalisation exactly, like `xla._bwd`.
 
 import functools
 import math
-import operator
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from kernels_pallas.sinkhorn.xla import sinkhorn_xla
 
-Mat = Sequence[Sequence[jax.Array]]  # m[i][j]: entry (row i, column j), a token array
+ROWS = 1  # summing over it gives row sums (the column index j)
+COLS = 0  # summing over it gives column sums (the row index i)
 
 
 # --- layout ------------------------------------------------------------------------------
@@ -45,24 +50,20 @@ def from_lanes(y: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jnp.moveaxis(y, -1, 0).reshape(shape)
 
 
-def pad_tokens(x: jax.Array, num_tokens: int) -> jax.Array:
-  """Zero-pads the token (last) axis to `num_tokens`. Zero logits give the uniform
-  matrix: finite, and tokens never mix, so padding cannot reach the real tokens."""
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, num_tokens - x.shape[-1])])
+def pad_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Zero-pads every axis at its end up to `shape`. Zero logits make a uniform matrix
+  (finite), and tokens never mix, so padded tokens cannot reach the real ones."""
+  return jnp.pad(x, [(0, size - dim) for dim, size in zip(x.shape, shape)])
 
 
 def round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-# --- per-entry math (runs inside the kernels) ---------------------------------------------
+# --- in-kernel math on (n, n, *tokens) arrays --------------------------------------------
 
-def _sum(xs):
-  return functools.reduce(operator.add, xs)
-
-
-def _max(xs):
-  return functools.reduce(jnp.maximum, xs)
+def _sum(m: jax.Array, axis: int) -> jax.Array:
+  return jnp.sum(m, axis=axis, keepdims=True)
 
 
 def _log_add_eps(log_x: jax.Array, eps: float) -> jax.Array:
@@ -70,96 +71,64 @@ def _log_add_eps(log_x: jax.Array, eps: float) -> jax.Array:
   if eps == 0:
     return log_x
   log_eps = math.log(eps)
-  hi = jnp.maximum(log_x, log_eps)
-  return hi + jnp.log1p(jnp.exp(-jnp.abs(log_x - log_eps)))
+  return jnp.maximum(log_x, log_eps) + jnp.log1p(jnp.exp(-jnp.abs(log_x - log_eps)))
 
 
-def _transpose(m: Mat) -> Mat:
-  return tuple(zip(*m))
+def _log_sum_exp(x: jax.Array, axis: int) -> jax.Array:
+  top = jnp.max(x, axis=axis, keepdims=True)  # finite: every row/column has a finite entry
+  return top + jnp.log(_sum(jnp.exp(x - top), axis))
 
 
-def first_iteration(x: Mat, eps: float) -> tuple[Mat, Mat, Mat]:
-  """Column softmax `q`, `m1 = q + eps`, `m2 = m1 / (row sums + eps)`; log domain."""
-  n = len(x)
-  cols = _transpose(x)
-  log_q_cols = []
-  for col in cols:  # log-softmax down each column
-    top = _max(col)
-    shifted = [v - top for v in col]
-    log_norm = jnp.log(_sum([jnp.exp(v) for v in shifted]))
-    log_q_cols.append([v - log_norm for v in shifted])
-  log_q = _transpose(log_q_cols)
-  log_m1 = [[_log_add_eps(v, eps) for v in row] for row in log_q]
-  log_m2 = []
-  for row in log_m1:  # log-sum-exp along each row
-    top = _max(row)
-    log_rows = top + jnp.log(_sum([jnp.exp(v - top) for v in row]))
-    log_den = _log_add_eps(log_rows, eps)
-    log_m2.append([v - log_den for v in row])
-  exp = lambda m: tuple(tuple(jnp.exp(m[i][j]) for j in range(n)) for i in range(n))
-  return exp(log_q), exp(log_m1), exp(log_m2)
+def first_iteration(x: jax.Array, eps: float,
+                    off: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Logits -> (column softmax `q`, `m2` = the matrix after the first row step)."""
+  shifted = x - jnp.max(x, axis=COLS, keepdims=True)  # this order keeps |x| ~ 1e4 exact
+  log_q = shifted - jnp.log(_sum(jnp.exp(shifted), COLS))
+  log_m1 = _log_add_eps(log_q, eps)
+  if off is not None and eps > 0:
+    log_m1 = jnp.where(off, -jnp.inf, log_m1)
+  log_m2 = log_m1 - _log_add_eps(_log_sum_exp(log_m1, ROWS), eps)
+  return jnp.exp(log_q), jnp.exp(log_m2)
 
 
-def normalise_rows(m: Mat, eps: float) -> Mat:
-  inv = [1.0 / (_sum(row) + eps) for row in m]
-  return tuple(tuple(v * inv[i] for v in row) for i, row in enumerate(m))
+def _normalise(m: jax.Array, axis: int, eps: float) -> jax.Array:
+  return m * (1.0 / (_sum(m, axis) + eps))  # n reciprocals, n^2 multiplies
 
 
-def normalise_cols(m: Mat, eps: float) -> Mat:
-  return _transpose(normalise_rows(_transpose(m), eps))
-
-
-def iteration(m: Mat, eps: float) -> tuple[Mat, Mat]:
+def iteration(m: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
   """One later (exp-domain) iteration: (after the column step, after the row step)."""
-  m_col = normalise_cols(m, eps)
-  return m_col, normalise_rows(m_col, eps)
+  m_col = _normalise(m, COLS, eps)
+  return m_col, _normalise(m_col, ROWS, eps)
 
 
-def forward(x: Mat, num_iters: int, eps: float) -> Mat:
-  """Logits -> the Sinkhorn output, all `num_iters` iterations."""
-  m = first_iteration(x, eps)[2]
-  return jax.lax.fori_loop(0, num_iters - 1, lambda _, m: iteration(m, eps)[1], m)
+def advance(m: jax.Array, num_iters, eps: float) -> jax.Array:
+  """`num_iters` (static or traced) later iterations from `m`."""
+  return jax.lax.fori_loop(0, num_iters, lambda _, m: iteration(m, eps)[1], m)
 
 
-def _back_rows(g: Mat, m_after: Mat) -> Mat:
-  """Backward of a row step on log-gradients: `g - M_after * rowsum(g)`."""
-  return tuple(tuple(gv - mv * s for gv, mv in zip(g_row, m_row))
-               for g_row, m_row, s in zip(g, m_after, [_sum(r) for r in g]))
+def forward(x: jax.Array, num_iters: int, eps: float, off: jax.Array | None = None) -> jax.Array:
+  """Logits -> the Sinkhorn output after all `num_iters` iterations."""
+  return advance(first_iteration(x, eps, off)[1], num_iters - 1, eps)
 
 
-def _back_cols(g: Mat, m_after: Mat) -> Mat:
-  return _transpose(_back_rows(_transpose(g), _transpose(m_after)))
+def _back(g: jax.Array, m_after: jax.Array, axis: int) -> jax.Array:
+  """Backward of one normalisation on log-gradients: `g - M_after * sum_axis(g)`."""
+  return g - m_after * _sum(g, axis)
 
 
-def back_through_iteration(g: Mat, m_col: Mat, m_row: Mat) -> Mat:
+def back_through_iteration(g: jax.Array, m_col: jax.Array, m_row: jax.Array) -> jax.Array:
   """Log-gradient after a later iteration -> before it."""
-  return _back_cols(_back_rows(g, m_row), m_col)
+  return _back(_back(g, m_row, ROWS), m_col, COLS)
 
 
-def back_through_first(g: Mat, x: Mat, eps: float) -> Mat:
+def back_through_first(g: jax.Array, x: jax.Array, eps: float,
+                       off: jax.Array | None = None) -> jax.Array:
   """Log-gradient after the first iteration -> gradient of the logits (recomputes it)."""
-  q, m1, m2 = first_iteration(x, eps)
-  g = _back_rows(g, m2)
-  if eps > 0:  # through log(q + eps) back to log(q)
-    g = tuple(tuple(gv * (qv / mv) for gv, qv, mv in zip(*rows)) for rows in zip(g, q, m1))
-  return _back_cols(g, q)  # through the column log-softmax
-
-
-def times(a: Mat, b: Mat) -> Mat:
-  """Entrywise product (the cotangent of M -> the cotangent of log M)."""
-  return tuple(tuple(x * y for x, y in zip(*rows)) for rows in zip(a, b))
-
-
-def load(ref, *index) -> Mat:
-  """Reads `ref[i, j, *index]` for every entry; `ref` has the two matrix axes first."""
-  n = ref.shape[0]
-  return tuple(tuple(ref[(i, j, *index)] for j in range(n)) for i in range(n))
-
-
-def store(ref, m: Mat, *index) -> None:
-  for i, row in enumerate(m):
-    for j, v in enumerate(row):
-      ref[(i, j, *index)] = v
+  q, m2 = first_iteration(x, eps, off)
+  g = _back(g, m2, ROWS)
+  if eps > 0:  # through log(q + eps) back to log(q); 0 (not 0/0) where q = 0
+    g = g * (q / (q + eps))
+  return _back(g, q, COLS)  # through the column log-softmax
 
 
 def cost_estimate(n: int, num_tokens: int, num_iters: int, backward: bool):
@@ -168,7 +137,7 @@ def cost_estimate(n: int, num_tokens: int, num_iters: int, backward: bool):
   flops = num_tokens * per_iter * num_iters * (4 if backward else 1)
   transcendentals = num_tokens * 5 * n * n * (2 if backward else 1)
   arrays = 3 if backward else 2
-  return jax.experimental.pallas.CostEstimate(
+  return pl.CostEstimate(
       flops=flops, transcendentals=transcendentals,
       bytes_accessed=arrays * 4 * n * n * num_tokens)
 
