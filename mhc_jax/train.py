@@ -182,7 +182,7 @@ def train(workdir: str,
   limit would; the schedule still spans `loop.steps`, so a later call continues exactly.
   At the end, `sample_tokens` bytes continuing `sample_prompt` are printed (0: none).
   """
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   _check_workdir(workdir)
   corpus = Corpus(data)
   trainer = Trainer(model, optimizer, mesh, loop, data.batch_size, devices)
