@@ -96,7 +96,8 @@ def test_cli_trains_and_writes_its_workdir(tmp_path, corpus):
   proc = cli("--gin_file", "shakespeare_tiny.gin", "--gin_param", f"DataConfig.source = '{corpus}'",
              "--gin_param", "LoopConfig.steps = 4", "--gin_param", "LoopConfig.eval_every = 2",
              "--gin_param", "DataConfig.seq_len = 32", "--gin_param", "train.sample_tokens = 5",
-             "--workdir", str(tmp_path))
+             "--workdir", "relative/workdir", cwd=tmp_path)  # from outside the repo
+  tmp_path = tmp_path / "relative/workdir"
   assert proc.returncode == 0, proc.stderr
   assert "parameters" in proc.stdout and "sample after 4 steps" in proc.stdout
   assert [row["step"] for row in read_metrics(tmp_path)] == [2, 4]
