@@ -14,7 +14,7 @@ from mhc_jax.metrics import read_metrics
 from mhc_jax.model import RESIDUALS, ModelConfig
 from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
-from mhc_jax.train import LoopConfig, train
+from mhc_jax.train import LoopConfig, NonFiniteError, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
@@ -141,6 +141,7 @@ print(trainer.num_params, dict(trainer.mesh.shape), len(lowered.as_text()) > 0)
   assert "'data': 16, 'fsdp': 8, 'tensor': 2" in mesh and lowered.strip().endswith("True")
 
 
+@pytest.mark.slow  # interpret mode is slow; test_sinkhorn_pallas covers the per-shard kernel
 def test_pallas_sinkhorn_in_a_sharded_train_step_matches_xla(tmp_path, corpus):
   """The model's Sinkhorn as a Pallas kernel (interpret mode here) split per shard over a
   (2, 2, 2) mesh trains exactly like the XLA path."""
@@ -149,3 +150,39 @@ def test_pallas_sinkhorn_in_a_sharded_train_step_matches_xla(tmp_path, corpus):
                        model=tiny_model(residual="mhc", num_layers=1, sinkhorn_backend=backend))
           for backend in ("xla", "pallas")}
   np.testing.assert_allclose(losses(runs["pallas"]), losses(runs["xla"]), rtol=1e-5)
+
+
+def test_diagnostics_come_from_the_training_forward_pass(tmp_path, corpus):
+  loop = LoopConfig(steps=4, eval_every=4, eval_batches=1, checkpoint_every=1000, log_every=4,
+                    diagnostics_every=2)
+  for residual, bounded in (("mhc", True), ("hc", False)):
+    history = train(str(tmp_path / residual), model=tiny_model(residual=residual),
+                    data=DataConfig(source=corpus, seq_len=32, batch_size=8), loop=loop,
+                    devices=jax.devices()[:1], progress=False, sample_tokens=0)
+    assert [row["step"] for row in history] == [2, 4]
+    row = history[-1]
+    sublayers = [k for k in row if k.startswith("forward_gain/") and k != "forward_gain/max"]
+    assert len(sublayers) == 4  # 2 layers x (attention, MLP)
+    if bounded:  # rows of a Sinkhorn output sum to 1 exactly, and so do their products
+      assert abs(row["forward_gain/max"] - 1) < 1e-5
+      assert abs(row["composite_forward_gain/max"] - 1) < 1e-4
+      assert row["doubly_stochastic_error/max"] < 0.05
+    else:
+      assert row["forward_gain/max"] > 0 and np.isfinite(row["composite_backward_gain/03"])
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_updates_are_never_applied_or_saved(tmp_path, corpus, policy):
+  kwargs = dict(model=tiny_model(), data=DataConfig(source=corpus, seq_len=32, batch_size=8),
+                optimizer=OptimizerConfig(learning_rate=float("inf"), warmup_steps=0),
+                loop=LoopConfig(steps=3, eval_every=3, eval_batches=1, checkpoint_every=1,
+                                log_every=1, nonfinite=policy),
+                devices=jax.devices()[:1], progress=False, sample_tokens=0)
+  if policy == "stop":
+    with pytest.raises(NonFiniteError, match=r"non-finite parameters at step 1; .* step 0\)"):
+      train(str(tmp_path), **kwargs)
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+    return
+  history = train(str(tmp_path), **kwargs)
+  assert [row["skipped_steps"] for row in history] == [1, 2, 3]
+  assert np.isfinite(history[-1]["eval_loss"])

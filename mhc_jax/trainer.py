@@ -1,0 +1,207 @@
+"""The sharded train state and the compiled steps for one configuration.
+
+A train state is a pytree `{"step", "params", "opt_state", "guard"}` sharded over the mesh.
+`guard` records non-finite steps: an update whose loss, gradients or new parameters are not
+all finite is not applied (the state keeps its last finite values), and the first such step
+and what went bad are remembered so the loop can stop or warn (see `LoopConfig.nonfinite`).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mhc_jax.diagnostics import gain_summary
+from mhc_jax.model import ModelConfig, Transformer, count_params
+from mhc_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from mhc_jax.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
+from mhc_jax.site import SiteMixin
+
+NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_KINDS = ("loss", "gradients", "parameters")  # bit 0, 1, 2 of guard["first_kind"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """steps: total optimizer steps. *_every: in steps. diagnostics_every = 0: never.
+  nonfinite: "stop" (end the run, non-zero exit) or "skip" (drop that update, go on)."""
+
+  steps: int = 1000
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  diagnostics_every: int = 0
+  nonfinite: str = "stop"
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                 "log_every"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) \
+        or self.diagnostics_every < 0:
+      raise ValueError(f"diagnostics_every must be an int >= 0, got {self.diagnostics_every!r}")
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got "
+                       f"{self.nonfinite!r}")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross entropy in float32: `[B, L, V]`, `[B, L]` -> scalar."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logprobs, targets[..., None], axis=-1))
+
+
+def nonfinite_kinds(mask: int) -> list[str]:
+  return [kind for bit, kind in enumerate(NONFINITE_KINDS) if mask >> bit & 1]
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _h_res_per_sublayer(model: Transformer, intermediates) -> jax.Array:
+  """Sown coefficients -> `[2 * num_layers, batch, seq, n, n]` H_res, in depth order."""
+  sown = nnx.to_pure_dict(intermediates)["blocks"]
+  batch_shape = None
+  stack = []
+  for layer in range(len(model.blocks)):
+    for site in ("attn_site", "mlp_site"):
+      h_res = sown[layer][site]["coefficients"][0].h_res
+      stack.append(h_res)
+      if h_res.ndim > 2:
+        batch_shape = h_res.shape[:-2]
+  if batch_shape is not None:  # static HC has one [n, n] per site; give it the tokens' shape
+    stack = [jnp.broadcast_to(h, (*batch_shape, *h.shape[-2:])) for h in stack]
+  return jnp.stack(stack)
+
+
+class Trainer:
+  """Builds the sharded train state and the compiled steps for one configuration."""
+
+  def __init__(self, model: ModelConfig, optimizer: OptimizerConfig, mesh: MeshConfig,
+               loop: LoopConfig, batch_size: int, devices=None):
+    if batch_size % mesh.batch_shards:
+      raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's data*fsdp = "
+                       f"{mesh.batch_shards}")
+    self.mesh = make_mesh(mesh, devices)
+    self.model_config, self.loop = model, loop
+    self.tx = make_optimizer(optimizer, loop.steps)
+    self.schedule = learning_rate_schedule(optimizer, loop.steps)
+    abstract_model = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(loop.seed)))
+    self.graphdef, abstract_params = nnx.split(abstract_model)
+    self.num_params = count_params(abstract_model)
+    param_shardings = named(self.mesh, param_specs(abstract_params, self.mesh))
+    replicated = NamedSharding(self.mesh, P())
+    abstract_state = jax.eval_shape(self._init_state)
+    self.state_shardings = {
+        "step": replicated,
+        "params": param_shardings,
+        "opt_state": optax.tree_map_params(
+            self.tx, lambda _, sharding: sharding, abstract_state["opt_state"], param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, NamedSharding)),
+        "guard": jax.tree.map(lambda _: replicated, abstract_state["guard"]),
+    }
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+        self.state_shardings)
+    self.batch_sharding = batch_sharding(self.mesh)
+    batch_shardings = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
+    self.init_state = self._under_mesh(
+        jax.jit(self._init_state, out_shardings=self.state_shardings))
+    self._jit_train_step = {
+        diagnostics: jax.jit(lambda s, b, d=diagnostics: self._train_step(s, b, d),
+                             in_shardings=(self.state_shardings, batch_shardings),
+                             out_shardings=(self.state_shardings, replicated),
+                             donate_argnums=0)
+        for diagnostics in (False, True)}
+    self.eval_step = self._under_mesh(jax.jit(
+        lambda p, b: self._loss(p, b, False)[0],
+        in_shardings=(param_shardings, batch_shardings), out_shardings=replicated))
+
+  def _under_mesh(self, fn):
+    """Traces and runs `fn` with the mesh set, so that Pallas kernels inside the model can
+    split their work per shard (see `mhc_jax.sinkhorn`)."""
+    def call(*args):
+      with jax.set_mesh(self.mesh):
+        return fn(*args)
+    return call
+
+  def train_step(self, state, batch, diagnostics: bool = False):
+    """One update; with `diagnostics`, also the per-sub-layer H_res gains of this very
+    forward pass (only for models with streams)."""
+    diagnostics = diagnostics and self.model_config.uses_streams
+    return self._under_mesh(self._jit_train_step[diagnostics])(state, batch)
+
+  def _init_state(self):
+    model = Transformer(self.model_config, rngs=nnx.Rngs(self.loop.seed))
+    params = nnx.to_pure_dict(nnx.state(model))
+    guard = {"first_step": jnp.full((), -1, jnp.int32), "first_kind": jnp.zeros((), jnp.int32),
+             "skipped": jnp.zeros((), jnp.int32)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": self.tx.init(params), "guard": guard}
+
+  def _loss(self, params, batch, capture: bool):
+    """-> (loss, H_res per sub-layer or None)."""
+    model = nnx.merge(self.graphdef, params)
+    if not capture:
+      return cross_entropy(model(batch["inputs"]), batch["targets"]), None
+    for _, module in nnx.iter_modules(model):
+      if isinstance(module, SiteMixin):
+        module.sow_coefficients = True
+    logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"])
+    h_res = jax.lax.stop_gradient(_h_res_per_sublayer(model, intermediates))
+    return cross_entropy(logits, batch["targets"]), h_res
+
+  def _train_step(self, state, batch, diagnostics: bool):
+    (loss, h_res), grads = jax.value_and_grad(self._loss, has_aux=True)(
+        state["params"], batch, diagnostics)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    grad_norm = optax.tree.norm(grads)
+    bad = jnp.stack([~jnp.isfinite(loss), ~jnp.isfinite(grad_norm), ~_all_finite(params)])
+    ok = ~jnp.any(bad)
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                     (params, opt_state), (state["params"], state["opt_state"]))
+    step = state["step"] + 1
+    guard = state["guard"]
+    first = ~ok & (guard["first_step"] < 0)
+    guard = {"first_step": jnp.where(first, step, guard["first_step"]),
+             "first_kind": jnp.where(first, jnp.sum(bad * jnp.array([1, 2, 4])),
+                                     guard["first_kind"]),
+             "skipped": guard["skipped"] + (~ok).astype(jnp.int32)}
+    metrics = {"train_loss": loss, "grad_norm": grad_norm,
+               "learning_rate": self.schedule(state["step"]),
+               "skipped_steps": guard["skipped"]}
+    if diagnostics:
+      for name, per_layer in gain_summary(h_res).items():
+        metrics[f"{name}/max"] = jnp.max(per_layer)
+        metrics.update({f"{name}/{i:02d}": v for i, v in enumerate(per_layer)})
+    new_state = {"step": step, "params": params, "opt_state": opt_state, "guard": guard}
+    return new_state, metrics
+
+  def global_batch(self, local_batch: dict) -> dict:
+    """This process's rows of the global batch -> global arrays sharded over the mesh."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in local_batch.items()}
+
+  def lower_train_step(self, seq_len: int, batch_size: int):
+    """Lowers the train step on abstract inputs: checks shapes and shardings of a config
+    without allocating it (e.g. a pod-sized config on a few CPU devices)."""
+    batch = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.batch_sharding)
+    with jax.set_mesh(self.mesh):
+      return self._jit_train_step[False].lower(self.abstract_state,
+                                               {"inputs": batch, "targets": batch})
+
+  def evaluate(self, params, batches) -> float:
+    losses = [float(self.eval_step(params, self.global_batch(b))) for b in batches]
+    return float(np.mean(losses))
