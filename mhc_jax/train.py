@@ -4,13 +4,16 @@
     python -m mhc_jax.train --gin_file ... --gin_param 'ModelConfig.residual = "mhc"' --workdir ...
 
 Writes into WORKDIR: `checkpoints/` (orbax: params, optimizer state, step, grain iterator),
-`metrics.jsonl` and `tensorboard/` (see `metrics.py`), `config.gin` (the bindings in force).
+`metrics.jsonl` and `tensorboard/` (see `metrics.py`), `config.gin` (the bindings in force),
+and once all `LoopConfig.steps` are done, `finished.json` (the last logged metrics).
 Started again on the same WORKDIR it resumes from the latest complete checkpoint.
 SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
 """
 
 import argparse
+import json
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -31,9 +34,12 @@ from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
 from mhc_jax.trainer import LoopConfig, Trainer, nonfinite_kinds
 
+FINISHED = "finished.json"
 GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
-for _cls in (ModelConfig, DataConfig, OptimizerConfig, MeshConfig, LoopConfig):
-  gin.external_configurable(_cls, module="mhc_jax")
+# gin-aware constructors: a binding like `ModelConfig.d_model = 64` takes effect through these
+# whether or not a config file also says `train.model = @ModelConfig()`.
+_CONFIGURED = {cls: gin.external_configurable(cls, module="mhc_jax")
+               for cls in (ModelConfig, DataConfig, OptimizerConfig, MeshConfig, LoopConfig)}
 
 
 class NonFiniteError(RuntimeError):
@@ -70,7 +76,7 @@ def _checkpoint_manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManag
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test.{os.getpid()}"  # one per process: hosts share workdirs
     probe.write_text("")
     probe.unlink()
   except OSError as err:
@@ -95,11 +101,11 @@ def _check_guard(state, policy: str, reported: int, last_saved: int) -> int:
 
 @gin.configurable
 def train(workdir: str,
-          model: ModelConfig = ModelConfig(),
-          data: DataConfig = DataConfig(),
-          optimizer: OptimizerConfig = OptimizerConfig(),
-          mesh: MeshConfig = MeshConfig(),
-          loop: LoopConfig = LoopConfig(),
+          model: ModelConfig | None = None,
+          data: DataConfig | None = None,
+          optimizer: OptimizerConfig | None = None,
+          mesh: MeshConfig | None = None,
+          loop: LoopConfig | None = None,
           devices=None,
           progress: bool = True,
           stop_after_step: int | None = None,
@@ -110,7 +116,13 @@ def train(workdir: str,
   `stop_after_step` ends this invocation early, with a checkpoint, as a job with a time
   limit would; the schedule still spans `loop.steps`, so a later call continues exactly.
   At the end, `sample_tokens` bytes continuing `sample_prompt` are printed (0: none).
+  A config not given is built from the gin bindings in force (defaults without gin).
   """
+  model = model or _CONFIGURED[ModelConfig]()
+  data = data or _CONFIGURED[DataConfig]()
+  optimizer = optimizer or _CONFIGURED[OptimizerConfig]()
+  mesh = mesh or _CONFIGURED[MeshConfig]()
+  loop = loop or _CONFIGURED[LoopConfig]()
   workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   _check_workdir(workdir)
   corpus = Corpus(data)
@@ -132,6 +144,10 @@ def train(workdir: str,
   else:
     state = trainer.init_state()
   lead = jax.process_index() == 0
+  has_validation = len(corpus.validation_batches(1, **shard)) > 0
+  if lead and not has_validation:
+    print("mhc-train: no validation data (too few or too short held-out documents): "
+          "eval_loss is not computed", file=sys.stderr, flush=True)
   if lead:
     (workdir / "config.gin").write_text(gin.config_str())
     print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
@@ -154,7 +170,10 @@ def train(workdir: str,
       diagnostics = loop.diagnostics_every and step % loop.diagnostics_every == 0
       state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)),
                                           diagnostics=bool(diagnostics))
-      final = step == last or stop.signal_name is not None
+      # Read once: a signal that lands later in this iteration (most do, while it waits on
+      # the device) must not skip the save below and then break; it stops the next one.
+      stopping = stop.signal_name is not None
+      final = step == last or stopping
       logs = step % loop.log_every == 0 or step % loop.eval_every == 0 or diagnostics or final
       saves = step % loop.checkpoint_every == 0 or final
       if logs or saves:
@@ -164,7 +183,7 @@ def train(workdir: str,
         now = time.perf_counter()
         row["tokens_per_sec"] = tokens_per_step * (step - last_step) / (now - last_time)
         last_time, last_step = now, step
-        if step % loop.eval_every == 0 or step == loop.steps:
+        if (step % loop.eval_every == 0 or step == loop.steps) and has_validation:
           row["eval_loss"] = trainer.evaluate(
               state["params"], corpus.validation_batches(loop.eval_batches, **shard))
         history.append(row)
@@ -176,7 +195,7 @@ def train(workdir: str,
       if saves:
         save(step)
         last_saved = step
-      if stop.signal_name is not None:
+      if stopping:
         break
     manager.wait_until_finished()
   manager.close()
@@ -192,6 +211,8 @@ def train(workdir: str,
     return history
   if lead:
     (workdir / "config.gin").write_text(gin.operative_config_str())
+    if last == loop.steps and history:  # the marker sweeps and reports use to skip runs
+      (workdir / FINISHED).write_text(json.dumps(history[-1]))
     if sample_tokens and last == loop.steps:
       model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
       text = sample_text(model_, sample_prompt, num_tokens=sample_tokens, context=data.seq_len)
@@ -214,13 +235,18 @@ def _one_line(err: BaseException) -> str:
   return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+def use_gin_config_dir() -> None:
+  """Lets gin files and their includes be named relative to `gin_configs/`."""
   if GIN_CONFIG_DIR.is_dir():
     gin.add_config_file_search_path(str(GIN_CONFIG_DIR))
   # gin's package-resource reader logs an error for every file it later finds on the search
   # path; a file found nowhere still raises, so nothing is lost by hiding these.
   logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  use_gin_config_dir()
   # One at a time, so the message names the file or binding at fault.
   for kind, items, parse in (("file", args.gin_file, gin.parse_config_file),
                              ("binding", args.gin_param, gin.parse_config)):

@@ -203,5 +203,6 @@ class Trainer:
                                                {"inputs": batch, "targets": batch})
 
   def evaluate(self, params, batches) -> float:
+    """Mean loss over `batches` (at least one)."""
     losses = [float(self.eval_step(params, self.global_batch(b))) for b in batches]
     return float(np.mean(losses))

@@ -1,0 +1,129 @@
+"""Sweeps: spec expansion, the local runner's skipping, the TPU launcher, and two processes
+training one run together through jax.distributed (checkpoint, resume) on CPU."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mhc_jax.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+import sweep  # noqa: E402
+
+TINY = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 1", "ModelConfig.num_heads = 2",
+        "ModelConfig.mlp_dim = 64", "DataConfig.seq_len = 16", "DataConfig.batch_size = 4",
+        "OptimizerConfig.warmup_steps = 2", "LoopConfig.log_every = 1",
+        "LoopConfig.eval_every = 100", "LoopConfig.eval_batches = 1", "train.sample_tokens = 0",
+        "train.progress = False"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  words = "to be or not that is the question whether tis nobler".split()
+  rng = np.random.default_rng(0)
+  for d in range(6):
+    (root / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 400)))
+  return str(root / "*.txt")
+
+
+def write_spec(path: pathlib.Path, bindings, grid=None, runs=()) -> str:
+  path.write_text(f"Sweep.bindings = {list(bindings)!r}\nSweep.grid = {grid or {}!r}\n"
+                  f"Sweep.runs = {list(runs)!r}\n")
+  return str(path)
+
+
+def env():
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def test_expand_grid_and_list():
+  runs = sweep.expand(sweep.Sweep(
+      gin_files=("a.gin",), bindings=("LoopConfig.steps = 3",),
+      grid={"ModelConfig.residual": ["prenorm", "mhc"], "LoopConfig.seed": [0, 1]},
+      runs=({"ModelConfig.num_streams": 2},)))
+  assert [r.name for r in runs] == ["residual=prenorm,seed=0", "residual=prenorm,seed=1",
+                                    "residual=mhc,seed=0", "residual=mhc,seed=1",
+                                    "num_streams=2"]
+  assert runs[2].bindings == ("LoopConfig.steps = 3", "ModelConfig.residual = 'mhc'",
+                              "LoopConfig.seed = 0")
+  with pytest.raises(ValueError, match="repeated"):
+    sweep.expand(sweep.Sweep(runs=({"LoopConfig.seed": 1}, {"LoopConfig.seed": 1})))
+  with pytest.raises(ValueError, match="no runs"):
+    sweep.expand(sweep.Sweep())
+
+
+def test_tpu_launcher_prints_one_command_for_all_workers(tmp_path, capsys):
+  spec = write_spec(tmp_path / "s.gin", [], grid={"LoopConfig.seed": [0, 1]})
+  assert sweep.main([spec, "--out", "/mnt/shared/x", "--tpu", "pod", "--zone", "z1"]) == 0
+  command = capsys.readouterr().out.strip()
+  assert command.startswith("gcloud compute tpus tpu-vm ssh pod --zone=z1 --worker=all")
+  assert f"experiments/sweep.py {spec} --out /mnt/shared/x --multihost" in command
+
+
+def test_local_sweep_runs_each_point_once(tmp_path, corpus):
+  spec = write_spec(tmp_path / "s.gin", TINY + [f"DataConfig.source = '{corpus}'",
+                                                "LoopConfig.steps = 2"],
+                    grid={"ModelConfig.residual": ["prenorm", "mhc"]})
+  command = [sys.executable, "experiments/sweep.py", spec, "--out", str(tmp_path / "out")]
+  first = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True,
+                         timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  for name in ("residual=prenorm", "residual=mhc"):
+    assert [r["step"] for r in read_metrics(tmp_path / "out" / name)] == [1, 2]
+  again = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True,
+                         timeout=300)
+  assert again.stdout.count("finished, skipped") == 2, again.stdout
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_resume_together(tmp_path, corpus):
+  common = TINY + [f"DataConfig.source = '{corpus}'", "LoopConfig.steps = 6",
+                   "MeshConfig.data = 2"]
+  runs = [{"ModelConfig.residual": "mhc"}]
+  out = tmp_path / "out"
+
+  def multihost(extra):
+    spec = write_spec(tmp_path / "spec.gin", common + extra, runs=runs)
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "experiments/sweep.py", spec, "--out", str(out), "--multihost",
+         "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
+        cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    return logs
+
+  multihost(["train.stop_after_step = 3"])
+  workdir = out / "residual=mhc"
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+  assert not (workdir / "finished.json").exists()
+  logs = multihost([])
+  assert "resuming at step 3" in logs[0]
+  assert json.loads((workdir / "finished.json").read_text())["step"] == 6
+  together = [r["train_loss"] for r in read_metrics(workdir)]
+
+  # The same run in one process over 2 devices: the same global batches and mesh.
+  code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); import sys; "
+          "from mhc_jax.train import main; sys.exit(main(sys.argv[1:]))")
+  args = [a for b in common + ["ModelConfig.residual = 'mhc'"] for a in ("--gin_param", b)]
+  single = subprocess.run([sys.executable, "-c", code, *args, "--workdir",
+                           str(tmp_path / "single")], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+  alone = [r["train_loss"] for r in read_metrics(tmp_path / "single")]
+  assert len(together) == len(alone) == 6
+  np.testing.assert_allclose(together, alone, rtol=1e-5)
