@@ -11,6 +11,7 @@ SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint
 """
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -83,6 +84,27 @@ def _check_workdir(workdir: pathlib.Path) -> None:
     raise ValueError(f"workdir {workdir} is not writable: {err.strerror}") from None
 
 
+def _check_checkpoint_fits(step_dir: pathlib.Path, abstract_state) -> None:
+  """Raises naming the first array the checkpoint lays out otherwise than this config, from
+  its metadata alone: a restore that fails part way leaves reads in flight, which print
+  tracebacks as the process exits."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    stored = {leaf.name: leaf for leaf in jax.tree.leaves(handler.metadata(step_dir / "state"))}
+  finally:
+    handler.close()
+  # orbax's names: dict keys, list indices and field names joined by dots
+  wanted = {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                     for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  for name in sorted(wanted, key=lambda name: not name.startswith("params.")):  # clearest first
+    want, have = wanted[name], stored.get(name)
+    if have is None or tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
+      held = "nothing" if have is None else f"{have.dtype}{list(have.shape)}"
+      raise ValueError(f"it holds {held} for {name}, this config needs "
+                       f"{want.dtype}{list(want.shape)}")
+
+
 def _check_guard(state, policy: str, reported: int, last_saved: int) -> int:
   """Raises (policy "stop") or warns (policy "skip") about non-finite steps; -> skips seen."""
   guard = jax.device_get(state["guard"])
@@ -133,6 +155,7 @@ def train(workdir: str,
   start = manager.latest_step() or 0
   if start:
     try:
+      _check_checkpoint_fits(workdir / "checkpoints" / str(start), trainer.abstract_state)
       restored = manager.restore(start, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(trainer.abstract_state),
           data=grain.checkpoint.CheckpointRestore(train_iter)))
@@ -177,7 +200,11 @@ def train(workdir: str,
       logs = step % loop.log_every == 0 or step % loop.eval_every == 0 or diagnostics or final
       saves = step % loop.checkpoint_every == 0 or final
       if logs or saves:
-        reported = _check_guard(state, loop.nonfinite, reported, last_saved)
+        try:
+          reported = _check_guard(state, loop.nonfinite, reported, last_saved)
+        except NonFiniteError:  # names last_saved as the checkpoint: let its save finish
+          manager.wait_until_finished()
+          raise
       if logs:
         row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
         now = time.perf_counter()
@@ -244,6 +271,24 @@ def use_gin_config_dir() -> None:
   logging.getLogger().addFilter(lambda record: not record.getMessage().startswith("Path not found"))
 
 
+def _hide_abandoned_restore_reads() -> None:
+  """A restore that fails on one array (a damaged file) leaves orbax's other reads in
+  flight. As each ends it reports to the event loop orbax has closed (RuntimeError), or dies
+  as a coroutine nobody awaits, and Python prints each as a traceback: dozens of them around
+  the one line that says what is wrong. These two kinds alone are dropped."""
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def on_exception(kind, value, tb):
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+      excepthook(kind, value, tb)
+
+  def on_unraisable(info):
+    if not (inspect.iscoroutine(info.object) and isinstance(info.exc_value, Exception)):
+      unraisablehook(info)
+
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+
+
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   use_gin_config_dir()
@@ -256,13 +301,14 @@ def main(argv=None) -> int:
       except Exception as err:  # gin raises many types; every one means a bad config
         print(f"mhc-train: bad gin {kind} {item!r}: {_one_line(err)}", file=sys.stderr)
         return 2
+  _hide_abandoned_restore_reads()
   try:
     train(args.workdir)
   except ValueError as err:
     print(f"mhc-train: {_one_line(err)}", file=sys.stderr)
     return 2
-  except NonFiniteError as err:
-    print(f"mhc-train: {err}", file=sys.stderr)
+  except NonFiniteError as err:  # first line only: gin appends where it was called from
+    print(f"mhc-train: {str(err).splitlines()[0]}", file=sys.stderr)
     return 1
   return 0
 

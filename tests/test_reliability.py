@@ -1,0 +1,591 @@
+"""Reliability: SIGKILL at any moment, preemption signals, non-finite steps and bad input,
+all through the real CLI (`python -m mhc_jax.train`) in subprocesses with real signals and
+files; and the numerics of every hyper-connection variant 64 sub-layers deep in bfloat16.
+
+The subprocesses share one JAX compilation cache, so a restart costs an import rather than
+a compile. A cache hit is the executable a compile would have produced, so bitwise
+comparisons between runs keep their meaning.
+"""
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import pathlib
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mhc_jax import sinkhorn_knopp
+from mhc_jax.diagnostics import gain_summary
+from mhc_jax.mappings import rms_normalise
+from mhc_jax.metrics import read_metrics
+from mhc_jax.modules import HyperConnection, ManifoldHyperConnection
+from mhc_jax.streams import expand_streams, reduce_streams
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
+STEPS = 12
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
+# The tiny run every subprocess test trains (or breaks one binding of).
+TINY = {
+    "ModelConfig.d_model": 32, "ModelConfig.num_layers": 2, "ModelConfig.num_heads": 4,
+    "ModelConfig.mlp_dim": 64, "DataConfig.seq_len": 32, "DataConfig.batch_size": 8,
+    "OptimizerConfig.learning_rate": 3e-3, "OptimizerConfig.warmup_steps": 4,
+    "LoopConfig.steps": STEPS, "LoopConfig.eval_every": STEPS, "LoopConfig.eval_batches": 1,
+    "LoopConfig.log_every": 1, "LoopConfig.checkpoint_every": 1,
+    "train.sample_tokens": 0, "train.progress": False,
+}
+TIMEOUT = 240  # per subprocess; a healthy one takes seconds, even on two busy cores
+
+
+# --- subprocess helpers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """Twelve small documents of pseudo-verse (as in test_train)."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = np.random.default_rng(0)
+  for d in range(12):
+    lines = [" ".join(rng.choice(WORDS, 6)).capitalize() + "." for _ in range(120)]
+    (root / f"doc{d:02d}.txt").write_text("\n".join(lines))
+  return str(root / "*.txt")
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("jax_cache")
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+          "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def gin_literal(value) -> str:
+  if isinstance(value, float) and math.isinf(value):
+    return "1e999" if value > 0 else "-1e999"  # gin reads these as +-inf; repr's 'inf' it cannot
+  return repr(value)
+
+
+def train_command(workdir, corpus, bindings=None, gin_files=("base.gin",)) -> list[str]:
+  command = [sys.executable, "-m", "mhc_jax.train"]
+  for gin_file in gin_files:
+    command += ["--gin_file", str(gin_file)]
+  for name, value in {**TINY, "DataConfig.source": corpus, **(bindings or {})}.items():
+    command += ["--gin_param", f"{name} = {gin_literal(value)}"]
+  return command + ["--workdir", str(workdir)]
+
+
+def run_cli(command, env) -> subprocess.CompletedProcess:
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=TIMEOUT)
+
+
+@contextlib.contextmanager
+def started_cli(command, env):
+  """A running CLI process; killed on the way out if a failed assertion left it running."""
+  proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.communicate()
+
+
+def checkpoint_entries(workdir) -> list[os.DirEntry]:
+  try:
+    return list(os.scandir(pathlib.Path(workdir) / "checkpoints"))
+  except FileNotFoundError:
+    return []
+
+
+def complete_steps(workdir) -> list[int]:
+  """Steps whose checkpoint orbax finished (renamed from its temporary directory)."""
+  return sorted(int(e.name) for e in checkpoint_entries(workdir) if e.name.isdigit())
+
+
+def partial_checkpoints(workdir) -> list[str]:
+  return sorted(e.name for e in checkpoint_entries(workdir) if TMP_SUFFIX in e.name)
+
+
+def logged_steps(workdir) -> list[int]:
+  try:
+    return [row["step"] for row in read_metrics(workdir)]
+  except FileNotFoundError:
+    return []
+
+
+def start_banner(stdout: str) -> int | None:
+  """The step a run said it resumed at (0: from scratch); None if it died before saying."""
+  match = re.search(r"; (resuming at step (\d+)|starting from scratch)$", stdout, re.M)
+  return None if match is None else int(match.group(2) or 0)
+
+
+def without_wall_clock(rows) -> list[dict]:
+  return [{k: v for k, v in row.items() if k != "tokens_per_sec"} for row in rows]
+
+
+def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], poll: float = 0.002) -> bool:
+  """Polls until `ready()` (-> True) or `proc` exits (-> False)."""
+  deadline = time.monotonic() + TIMEOUT
+  while proc.poll() is None:
+    if ready():
+      return True
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise TimeoutError(f"{proc.args} neither exited nor got ready in {TIMEOUT} s")
+    time.sleep(poll)
+  return False
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus, cli_env):
+  """An uninterrupted run: its workdir (checkpoints of steps 10-12) and its metrics."""
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = run_cli(train_command(workdir, corpus), cli_env)
+  assert proc.returncode == 0, proc.stderr
+  rows = read_metrics(workdir)
+  assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+  assert complete_steps(workdir) == [STEPS - 2, STEPS - 1, STEPS]
+  return workdir, rows
+
+
+# --- 1. SIGKILL at any moment ----------------------------------------------------------------
+
+
+def new_partial_checkpoint(workdir, at_least: int) -> Callable[[], bool]:
+  """True once a temporary checkpoint of a step >= `at_least` exists that was not there
+  when this was called (a killed run may have left one of the same name)."""
+  def identity(entry):
+    stat = entry.stat(follow_symlinks=False)
+    return entry.name, stat.st_ino, stat.st_mtime_ns
+
+  def tmp_entries():
+    return [e for e in checkpoint_entries(workdir) if TMP_SUFFIX in e.name]
+
+  try:
+    old = {identity(e) for e in tmp_entries()}
+  except FileNotFoundError:
+    old = set()
+
+  def ready():
+    try:
+      return any(int(e.name.split(".")[0]) >= at_least and identity(e) not in old
+                 for e in tmp_entries())
+    except FileNotFoundError:  # orbax renamed or removed it while we looked
+      return False
+  return ready
+
+
+def logged_then_delay(workdir, at_least: int, delay: float) -> Callable[[], bool]:
+  """True `delay` seconds after this run logged a step >= `at_least`. Lines a killed run
+  left behind do not count: only once metrics.jsonl changed (the new run drops the lines
+  past its checkpoint, then appends)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  mtime = lambda: path.stat().st_mtime_ns if path.exists() else None
+  old, seen = mtime(), []
+
+  def ready():
+    if not seen and mtime() != old and logged_steps(workdir)[-1:] >= [at_least]:
+      seen.append(time.monotonic())
+    return bool(seen) and time.monotonic() >= seen[0] + delay
+  return ready
+
+
+def after(delay: float) -> Callable[[], bool]:
+  start = time.monotonic()
+  return lambda: time.monotonic() >= start + delay
+
+
+def test_sigkill_at_any_moment_resumes_bitwise_from_the_last_complete_checkpoint(
+    tmp_path, corpus, cli_env, reference):
+  workdir = tmp_path / "run"
+  command = train_command(workdir, corpus)  # checkpoint_every=1: a save is nearly always due
+  rng = random.Random(0)
+  # Kill points are relative to the step the run resumes from (r), capped at the last step
+  # so that every one lands while the process still runs.
+  plan = [
+      ("during start-up", lambda r: after(rng.uniform(0.3, 2.0))),
+      ("writing a checkpoint", lambda r: new_partial_checkpoint(workdir, min(r + 2, STEPS))),
+      ("shortly after a step", lambda r: logged_then_delay(workdir, min(r + 1, STEPS),
+                                                           rng.uniform(0.0, 0.1))),
+      ("writing a checkpoint", lambda r: new_partial_checkpoint(workdir, min(r + 3, STEPS))),
+      ("shortly after a step", lambda r: logged_then_delay(workdir, min(r + 3, STEPS),
+                                                           rng.uniform(0.0, 0.1))),
+      # After the last step's metrics and eval are logged, before its checkpoint is done.
+      ("writing the last checkpoint", lambda r: new_partial_checkpoint(workdir, STEPS)),
+  ]
+  killed_mid_write = 0
+  for moment, trigger in plan:
+    resume = max(complete_steps(workdir), default=0)
+    assert resume < STEPS, f"finished before the kill {moment}"
+    with started_cli(command, cli_env) as proc:
+      assert wait_for(proc, trigger(resume)), f"exited before the kill {moment}"
+      proc.kill()  # SIGKILL: no handler, no cleanup
+      stdout, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    # It resumed from the newest complete checkpoint, whatever partial one lay beside it.
+    assert start_banner(stdout) in (None, resume), (moment, stdout)
+    newest = max(complete_steps(workdir), default=0)
+    killed_mid_write += any(int(name.split(".")[0]) > newest
+                            for name in partial_checkpoints(workdir))
+  resume = max(complete_steps(workdir), default=0)
+  final = run_cli(command, cli_env)
+  assert final.returncode == 0, final.stderr
+  assert start_banner(final.stdout) == resume
+  # Some kill really landed inside a checkpoint write and left a partial one behind.
+  assert killed_mid_write >= 1
+  assert logged_steps(workdir) == list(range(1, STEPS + 1))  # each step logged once
+  assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1])
+  # Re-saving a step replaces its leftover temporary directory: nothing partial remains.
+  assert partial_checkpoints(workdir) == []
+  assert complete_steps(workdir) == [STEPS - 2, STEPS - 1, STEPS]
+
+
+# --- 2. Preemption: SIGTERM / SIGINT -------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_preemption_signal_saves_the_step_reached_exits_0_and_resumes_bitwise(
+    tmp_path, corpus, cli_env, reference, signum):
+  workdir = tmp_path / "run"
+  # No periodic checkpoints: the only one can come from the signal.
+  command = train_command(workdir, corpus, {"LoopConfig.checkpoint_every": 1000})
+  with started_cli(command, cli_env) as proc:
+    assert wait_for(proc, lambda: logged_steps(workdir)[-1:] >= [2])
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+  assert proc.returncode == 0, stderr
+  reached = logged_steps(workdir)[-1]
+  assert 2 <= reached < STEPS
+  assert complete_steps(workdir) == [reached] and partial_checkpoints(workdir) == []
+  assert stderr.strip().splitlines() == [
+      f"mhc-train: {signum.name} received; saved the checkpoint of step {reached} in "
+      f"{workdir / 'checkpoints'}; run the same command to resume"]
+  rerun = run_cli(command, cli_env)
+  assert rerun.returncode == 0, rerun.stderr
+  assert start_banner(rerun.stdout) == reached
+  assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1])
+
+
+# --- 3. Non-finite values through the CLI -------------------------------------------------
+
+
+def test_cli_nonfinite_parameters_exit_1_naming_the_step_and_save_nothing_after_it(
+    tmp_path, corpus, cli_env, reference):
+  workdir = tmp_path / "run"
+  # Warm-up keeps the learning rate finite for updates 1-4; then the cosine decay towards
+  # final_lr_ratio = inf gives NaN, so update 5 is the first whose new parameters are not
+  # finite (its loss and gradients still are).
+  command = train_command(workdir, corpus, {"OptimizerConfig.final_lr_ratio": math.inf})
+  proc = run_cli(command, cli_env)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "mhc-train: non-finite parameters at step 5; that update was not applied and nothing "
+      "after it was saved (last checkpoint: step 4)"]
+  # Step 4's save was still in flight when step 5 failed: it must be complete all the same.
+  assert complete_steps(workdir) == [2, 3, 4] and partial_checkpoints(workdir) == []
+  assert logged_steps(workdir) == [1, 2, 3, 4]
+  assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1][:4])
+
+
+def test_cli_nonfinite_loss_and_gradients_are_named(tmp_path, corpus, cli_env):
+  # Infinite initial weights: the very first forward pass is NaN.
+  proc = run_cli(train_command(tmp_path, corpus, {"ModelConfig.init_std": math.inf}),
+                 cli_env)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      "mhc-train: non-finite loss and gradients and parameters at step 1; that update was "
+      "not applied and nothing after it was saved (last checkpoint: step 0)"]
+  assert complete_steps(tmp_path) == [] and partial_checkpoints(tmp_path) == []
+
+
+# --- 4. Bad input ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One malformed input. `culprit`: a regex the one error line must match. `bindings`
+  override TINY. `workdir`: "previous" (a copy of the reference run's, whose files must
+  keep their bytes and mtimes) or "unwritable". `prepare(case_dir)` may write files and
+  returns extra `bindings` or `gin_files`. `devices`: CPU devices the subprocess gets."""
+
+  name: str
+  culprit: str
+  bindings: dict = dataclasses.field(default_factory=dict)
+  workdir: str = "previous"
+  prepare: Callable | None = None
+  devices: int = 1
+
+
+def _bad_gin_file(case_dir):
+  (case_dir / "broken.gin").write_text("ModelConfig.d_model = = 32\n")
+  return {"gin_files": ("base.gin", str(case_dir / "broken.gin"))}
+
+
+def _empty_file(case_dir):
+  (case_dir / "empty.txt").write_bytes(b"")
+  return {"bindings": {"DataConfig.source": str(case_dir / "empty.txt")}}
+
+
+def _corrupt(relative):
+  def prepare(case_dir):
+    path = case_dir / "workdir" / "checkpoints" / str(STEPS) / relative
+    path.write_bytes(np.random.default_rng(0).bytes(max(path.stat().st_size, 64)))
+    return {}
+  return prepare
+
+
+def _corrupt_largest_array_file(case_dir):
+  files = (case_dir / "workdir" / "checkpoints" / str(STEPS) / "state").rglob("*")
+  largest = max((f for f in files if f.is_file()), key=lambda f: f.stat().st_size)
+  largest.write_bytes(np.random.default_rng(0).bytes(largest.stat().st_size))
+  return {}
+
+
+DAMAGED = rf"cannot restore the checkpoint of step {STEPS} in \S+/workdir/checkpoints .*damaged"
+BAD_INPUTS = [
+    Case("gin_syntax_error", r"bad gin file '.*broken\.gin': SyntaxError",
+         prepare=_bad_gin_file),
+    Case("unknown_configurable", "No configurable matching 'NoSuchThing'",
+         {"NoSuchThing.value": 3}),
+    Case("unknown_residual", "residual .* 'resnet'", {"ModelConfig.residual": "resnet"}),
+    Case("zero_streams", "num_streams must be an int >= 1, got 0", {
+        "ModelConfig.residual": "mhc", "ModelConfig.num_streams": 0}),
+    Case("too_many_streams_for_mhc_lite", "num_streams must be <= 6 .* got 7", {
+        "ModelConfig.residual": "mhc_lite", "ModelConfig.num_streams": 7}),
+    Case("d_model_not_divisible_by_heads", r"d_model \(30\) .* num_heads \(4\)",
+         {"ModelConfig.d_model": 30}),
+    Case("unknown_dtype", "dtype .* 'float8'", {"ModelConfig.dtype": "float8"}),
+    Case("sequence_longer_than_corpus", r"seq_len \+ 1 = 1000001",
+         {"DataConfig.seq_len": 1_000_000}),
+    Case("missing_corpus_path", "not found: no/such/dir",
+         {"DataConfig.source": "no/such/dir/*.txt"}),
+    Case("empty_corpus_file", r"corpus is empty: .*empty\.txt", prepare=_empty_file),
+    Case("unwritable_workdir", "workdir .*/workdir is not writable", workdir="unwritable"),
+    Case("mesh_larger_than_devices", r"mesh data\*fsdp\*tensor = 2\*1\*1 = 2 must equal "
+         "the number of devices, 1", {"MeshConfig.data": 2}),
+    Case("batch_not_divisible_by_data_axes", r"batch_size 6 .* data\*fsdp = 4", {
+        "MeshConfig.data": 2, "MeshConfig.fsdp": 2, "DataConfig.batch_size": 6}, devices=4),
+    Case("heads_not_divisible_by_tensor_axis", "attn/wk .* cannot be split 4 ways .*'tensor'",
+         {"MeshConfig.tensor": 4, "ModelConfig.num_heads": 2}, devices=4),
+    Case("checkpoint_of_another_width", rf"checkpoint of step {STEPS} .* holds "
+         r"float32\[32, 4, 8\] for params\.blocks\.0\.attn\.wk, this config needs "
+         r"float32\[64, 4, 16\]", {"ModelConfig.d_model": 64}),
+    Case("checkpoint_of_another_residual", rf"checkpoint of step {STEPS} .* holds nothing "
+         r"for params\.blocks\.0\.attn_site\.", {"ModelConfig.residual": "mhc"}),
+    Case("corrupted_checkpoint_array_file", DAMAGED, prepare=_corrupt_largest_array_file),
+    Case("corrupted_checkpoint_metadata", DAMAGED, prepare=_corrupt("state/_METADATA")),
+    Case("corrupted_iterator_state", DAMAGED, prepare=_corrupt("data/process_0-of-1.json")),
+    Case("zero_steps", "steps must be an int >= 1, got 0", {"LoopConfig.steps": 0}),
+    Case("negative_steps", "steps must be an int >= 1, got -5", {"LoopConfig.steps": -5}),
+    Case("steps_not_a_number", "steps .* 'ten'", {"LoopConfig.steps": "ten"}),
+    Case("zero_checkpoint_every", "checkpoint_every must be an int >= 1, got 0",
+         {"LoopConfig.checkpoint_every": 0}),
+    Case("negative_learning_rate", "learning_rate must be > 0, got -0.001",
+         {"OptimizerConfig.learning_rate": -1e-3}),
+    Case("unknown_nonfinite_policy", "nonfinite .* 'ignore'", {"LoopConfig.nonfinite": "ignore"}),
+    Case("validation_fraction_of_one", r"validation_fraction .* got 1\.0",
+         {"DataConfig.validation_fraction": 1.0}),
+]
+
+
+def unwritable_dir(case_dir) -> pathlib.Path:
+  """A workdir that cannot be created: under a read-only directory, or, where that does
+  not stop us (root ignores permission bits), under a regular file."""
+  locked = case_dir / "locked"
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    (locked / "probe").mkdir()
+  except PermissionError:
+    return locked / "workdir"
+  (locked / "probe").rmdir()
+  (case_dir / "a_file").write_text("")
+  return case_dir / "a_file" / "workdir"
+
+
+def file_states(root) -> dict[str, tuple]:
+  """Every file under `root`: size, mtime and content hash."""
+  root = pathlib.Path(root)
+  return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns,
+                                     hashlib.sha256(p.read_bytes()).hexdigest())
+          for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_case(case: Case, case_dir: pathlib.Path, corpus, env, reference_dir):
+  case_dir.mkdir()
+  workdir = case_dir / "workdir"
+  if case.workdir == "previous":
+    shutil.copytree(reference_dir, workdir, copy_function=shutil.copy2)  # keeps mtimes
+  elif case.workdir == "unwritable":
+    workdir = unwritable_dir(case_dir)
+  extra = case.prepare(case_dir) if case.prepare else {}
+  before = file_states(workdir) if case.workdir == "previous" else None
+  command = train_command(workdir, corpus, {**case.bindings, **extra.get("bindings", {})},
+                          extra.get("gin_files", ("base.gin",)))
+  proc = run_cli(command, {**env, "JAX_NUM_CPU_DEVICES": str(case.devices)})
+  after_ = file_states(workdir) if case.workdir == "previous" else None
+  return proc, before, after_
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory, corpus, cli_env, reference):
+  """Every case's (process, files before, files after), run a few at a time."""
+  root = tmp_path_factory.mktemp("bad_inputs")
+  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+    futures = {case.name: pool.submit(run_case, case, root / case.name, corpus, cli_env,
+                                      reference[0])
+               for case in BAD_INPUTS}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def test_bad_input_table_is_large_enough():
+  assert len(BAD_INPUTS) >= 15 and len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
+def test_bad_input_is_one_line_naming_the_culprit_and_touches_no_checkpoint(
+    bad_input_runs, case):
+  proc, before, after_ = bad_input_runs[case.name]
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2, proc.stderr
+  assert len(lines) == 1 and lines[0].startswith("mhc-train: "), proc.stderr
+  assert re.search(case.culprit, lines[0]), lines[0]
+  assert "Traceback" not in proc.stderr
+  if before is not None:
+    assert any(name.startswith(f"checkpoints/{STEPS}/") for name in before)
+    assert after_ == before  # same files, same bytes, same mtimes
+
+
+def test_removing_a_damaged_checkpoint_resumes_bitwise_from_the_one_before(
+    tmp_path, corpus, cli_env, reference):
+  # A damaged newest checkpoint stops the run with exit 2 (corrupted_* in the table) rather
+  # than silently falling back; deleting it is the documented way out.
+  workdir = tmp_path / "workdir"
+  shutil.copytree(reference[0], workdir)
+  _corrupt_largest_array_file(tmp_path)
+  shutil.rmtree(workdir / "checkpoints" / str(STEPS))
+  proc = run_cli(train_command(workdir, corpus), cli_env)
+  assert proc.returncode == 0, proc.stderr
+  assert start_banner(proc.stdout) == STEPS - 1
+  assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1])
+
+
+def test_non_utf8_corpus_is_bytes_and_trains(tmp_path, cli_env):
+  # A byte-level model has no text encoding to violate: invalid UTF-8 is just bytes.
+  rng = np.random.default_rng(0)
+  for d in range(2):  # two documents, so the split holds one out for validation
+    (tmp_path / f"doc{d}.bin").write_bytes(b"\xff\xfe\xc3(\x80" + rng.bytes(4000))
+  workdir = tmp_path / "workdir"
+  proc = run_cli(train_command(workdir, str(tmp_path / "*.bin"),
+                               {"LoopConfig.steps": 3, "LoopConfig.eval_every": 3}), cli_env)
+  assert proc.returncode == 0, proc.stderr
+  rows = read_metrics(workdir)
+  assert [row["step"] for row in rows] == [1, 2, 3]
+  assert all(math.isfinite(row["train_loss"]) for row in rows)
+  assert math.isfinite(rows[-1]["eval_loss"])
+
+
+# --- 5. Numerical robustness: 64 sub-layers, bfloat16, large activations ------------------
+
+NUM_STREAMS, DIM, DEPTH = 4, 16, 64
+BATCH, SEQ = 2, 8
+VARIANTS = {
+    "hc": lambda: HyperConnection(NUM_STREAMS, DIM, dynamic=True, sow_coefficients=True),
+    "hc_static": lambda: HyperConnection(NUM_STREAMS, DIM, dynamic=False,
+                                         sow_coefficients=True),
+    "mhc": lambda: ManifoldHyperConnection(NUM_STREAMS, DIM, rngs=nnx.Rngs(0),
+                                           sow_coefficients=True),
+    "mhc_lite": lambda: ManifoldHyperConnection(NUM_STREAMS, DIM, rngs=nnx.Rngs(0),
+                                                res_mapping="permutations",
+                                                sow_coefficients=True),
+}
+
+
+def deep_stack(variant: str, scale: float):
+  """64 sites of `variant` in a scan, each with a bfloat16 branch whose output is of size
+  `scale`, fed streams of size `scale`: -> (loss, its gradients, H_res [64, B, L, n, n],
+  output streams reduced)."""
+  site = VARIANTS[variant]()
+  graphdef, params = nnx.split(site)
+  params = nnx.to_pure_dict(params)
+  key = jax.random.key(0)
+  # Every site its own parameters, perturbed so the dynamic paths are active (HC's start
+  # at zero) and the static mixings leave the identity.
+  stacked = {name: value + 0.1 * jax.random.normal(jax.random.fold_in(key, i),
+                                                   (DEPTH, *value.shape))
+             for i, (name, value) in enumerate(sorted(params.items()))}
+  weights = jax.random.normal(jax.random.key(1), (DEPTH, DIM, DIM)) / math.sqrt(DIM)
+  x = (jax.random.normal(jax.random.key(2), (BATCH, SEQ, DIM)) * scale).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(3), (BATCH, SEQ, DIM))
+
+  def loss_fn(stacked, weights, x):
+    def sublayer(streams, layer):
+      layer_params, w = layer
+      branch = lambda u: (jnp.tanh(rms_normalise(u, 1e-6) @ w) * scale).astype(u.dtype)
+      streams, sown = nnx.capture(nnx.merge(graphdef, layer_params), nnx.Intermediate)(
+          streams, branch)
+      h_res = nnx.to_pure_dict(sown)["coefficients"][0].h_res
+      return streams, jnp.broadcast_to(h_res, (BATCH, SEQ, NUM_STREAMS, NUM_STREAMS))
+
+    streams, h_res = jax.lax.scan(sublayer, expand_streams(x, NUM_STREAMS),
+                                  (stacked, weights))
+    out = reduce_streams(streams)
+    return jnp.mean(out.astype(jnp.float32) * cotangent), (h_res, out)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True))
+  (loss, (h_res, out)), grads = grad_fn(stacked, weights, x)
+  return loss, grads, h_res, out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_64_bfloat16_sublayers_with_large_activations_stay_finite(variant):
+  loss, grads, h_res, out = deep_stack(variant, scale=1e4)
+  assert out.dtype == jnp.bfloat16 and h_res.shape[0] == DEPTH
+  assert bool(jnp.isfinite(loss)) and bool(jnp.all(jnp.isfinite(out)))
+  for grad in jax.tree.leaves(grads):
+    assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.any(grad != 0))
+  gains = gain_summary(h_res)
+  forward = float(jnp.max(gains["composite_forward_gain"]))
+  backward = float(jnp.max(gains["composite_backward_gain"]))
+  if variant == "mhc":  # Sinkhorn: rows exact, columns to within 20 iterations' accuracy
+    assert abs(forward - 1) < 1e-4
+    assert float(jnp.min(gains["composite_backward_gain"])) > 0.97 and backward < 1.03
+  elif variant == "mhc_lite":  # a mixture of permutations is exactly doubly stochastic
+    assert abs(forward - 1) < 1e-4 and abs(backward - 1) < 1e-4
+  else:  # unconstrained: finite, but 64 layers compound well past 1
+    assert math.isfinite(forward) and math.isfinite(backward) and max(forward, backward) > 1.5
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_sinkhorn_survives_logits_of_1e4_and_minus_inf_in_bfloat16(backend):
+  rng = np.random.default_rng(0)
+  logits = rng.choice([-1e4, 1e4], size=(64, 4, 4)).astype(np.float32)
+  mask = np.zeros((4, 4), bool)
+  mask[0, 1] = mask[1, 0] = mask[2, 3] = mask[3, 2] = True  # each row/column keeps 3 entries
+  logits[32:] = np.where(mask, -np.inf, logits[32:])
+  logits = jnp.asarray(logits, jnp.bfloat16)  # +-1e4 and -inf are exact in bfloat16
+  cotangent = jnp.asarray(rng.normal(size=(64, 4, 4)), jnp.float32)
+  loss = lambda x: jnp.sum(sinkhorn_knopp(x, backend=backend) * cotangent)
+  out = np.asarray(sinkhorn_knopp(logits, backend=backend))
+  grad = np.asarray(jax.grad(loss)(logits), np.float32)
+  assert np.all(np.isfinite(out)) and np.all(np.isfinite(grad)) and np.any(grad != 0)
+  np.testing.assert_allclose(out.sum(-1), 1, atol=1e-5)  # rows: exact after the row step
+  assert np.all(out >= 0) and np.all(out[32:][:, mask] == 0)
+  assert np.all(grad[32:][:, mask] == 0)
