@@ -1,0 +1,347 @@
+"""Compare the residual variants of one model: train each over several seeds, then report.
+
+    python experiments/compare_residuals.py --preset cpu --out reports/cpu
+        [--variants prenorm,mhc] [--seeds 0,1] [--gin_param 'LoopConfig.steps = 100']
+
+A preset is `gin_configs/compare/NAME.gin` (or the path of any gin file): the train configs as
+`mhc-train` takes them (`ModelConfig.*`, `DataConfig.*`, ...) plus `Comparison.*`, which says
+what to compare. Every (variant, seed) trains with `mhc_jax.train.train` in
+`OUT/runs/<variant>_seed<k>/`, with `ModelConfig.residual` = the variant and, for the stream
+variants, `Comparison.num_streams` streams.
+
+Seed k sets `LoopConfig.seed` (the initialisation) and `DataConfig.seed`: the data order varies
+with the seed and is identical across variants. `DataConfig.seed` also fixes the train /
+validation split, so each seed has its own validation documents; differences between variants
+at one seed are paired, and the report gives them next to the plain means.
+
+A run whose metrics and latest checkpoint both reached the last step is reused; an unfinished
+one resumes where it stopped. A workdir trained with other configs is an error, not reused.
+
+Then each run's final parameters are restored and run on the first validation batches; every
+block's output gives the cosine similarity between layers (streams summed) and between streams.
+`report.py` writes `OUT/report.md`, `OUT/summary.json` and the plots.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from a checkout: import the repo's packages
+
+from experiments import report  # noqa: E402
+from mhc_jax import train as train_lib  # noqa: E402
+from mhc_jax.data import Corpus, DataConfig  # noqa: E402
+from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity  # noqa: E402
+from mhc_jax.metrics import METRICS_FILE, read_metrics  # noqa: E402
+from mhc_jax.model import RESIDUALS, ModelConfig, Transformer  # noqa: E402
+from mhc_jax.optim import OptimizerConfig  # noqa: E402
+from mhc_jax.sharding import MeshConfig  # noqa: E402
+from mhc_jax.streams import reduce_streams  # noqa: E402
+from mhc_jax.trainer import LoopConfig, Trainer  # noqa: E402
+
+PRESET_DIR = train_lib.GIN_CONFIG_DIR / "compare"
+RUN_CONFIG = "run.json"  # the configs a workdir was trained with
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """variants: residuals from `model.RESIDUALS`. seeds: one run per variant and seed.
+  num_streams: n of the stream variants. gain_points: about how many steps log the H_res gains
+  (`LoopConfig.diagnostics_every` = steps // gain_points). analysis_batches: validation batches
+  the cosine similarities average over."""
+
+  variants: tuple[str, ...] = RESIDUALS
+  seeds: tuple[int, ...] = (0, 1)
+  num_streams: int = 4
+  gain_points: int = 30
+  analysis_batches: int = 4
+
+  def __post_init__(self):
+    # Lists (e.g. from gin or the command line) become tuples so the config stays hashable.
+    object.__setattr__(self, "variants", tuple(self.variants))
+    object.__setattr__(self, "seeds", tuple(self.seeds))
+    unknown = set(self.variants) - set(RESIDUALS)
+    if not self.variants or unknown or len(set(self.variants)) != len(self.variants):
+      raise ValueError(f"variants must be distinct ones of {', '.join(RESIDUALS)}; got "
+                       f"{list(self.variants)}")
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"seeds must be distinct and at least one; got {list(self.seeds)}")
+    for name in ("num_streams", "gain_points", "analysis_batches"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything a comparison depends on: the train configs before the variant and the seed
+  are set in them (`run_configs`)."""
+
+  comparison: Comparison
+  model: ModelConfig
+  data: DataConfig
+  optimizer: OptimizerConfig
+  mesh: MeshConfig
+  loop: LoopConfig
+
+
+def preset_path(preset: str) -> pathlib.Path:
+  """A preset name (`cpu`: `gin_configs/compare/cpu.gin`) or a gin file's path."""
+  path = pathlib.Path(preset) if preset.endswith(".gin") else PRESET_DIR / f"{preset}.gin"
+  if not path.is_file():
+    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.gin")))
+    raise ValueError(f"no preset {preset!r}: name one of {names}, or the path of a .gin file")
+  return path
+
+
+def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Settings:
+  """Parses the preset, then `gin_params`; `variants` / `seeds` replace the preset's."""
+  train_lib.use_gin_config_dir()
+  gin.clear_config()
+  try:
+    gin.parse_config_file(str(preset_path(preset)))
+    for binding in gin_params:
+      gin.parse_config(binding)
+    comparison = Comparison()
+    configs = gin.get_bindings("train")  # evaluates the @ModelConfig() etc. references
+  finally:
+    gin.clear_config()  # train() records gin's state; the runs' configs go to run.json instead
+  overrides = {k: v for k, v in (("variants", variants), ("seeds", seeds)) if v is not None}
+  return Settings(dataclasses.replace(comparison, **overrides),
+                  configs.get("model", ModelConfig()), configs.get("data", DataConfig()),
+                  configs.get("optimizer", OptimizerConfig()), configs.get("mesh", MeshConfig()),
+                  configs.get("loop", LoopConfig()))
+
+
+def diagnostics_every(steps: int, points: int) -> int:
+  return max(1, steps // points)
+
+
+def run_name(variant: str, seed: int) -> str:
+  return f"{variant}_seed{seed}"
+
+
+def run_configs(settings: Settings, variant: str, seed: int) -> dict:
+  """The `train` keyword arguments of one run."""
+  loop = settings.loop
+  return {
+      "model": dataclasses.replace(settings.model, residual=variant,
+                                   num_streams=settings.comparison.num_streams),
+      "data": dataclasses.replace(settings.data, seed=seed),
+      "optimizer": settings.optimizer,
+      "mesh": settings.mesh,
+      "loop": dataclasses.replace(
+          loop, seed=seed,
+          diagnostics_every=diagnostics_every(loop.steps, settings.comparison.gain_points)),
+  }
+
+
+def configs_json(configs: dict) -> dict:
+  # Through JSON and back, so that a tuple and the list it was saved as compare equal.
+  return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}))
+
+
+def devices_for(mesh: MeshConfig) -> list:
+  return jax.devices()[:math.prod(mesh.shape)]
+
+
+def _checkpoints(workdir: pathlib.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(workdir.absolute() / "checkpoints")
+
+
+def is_finished(workdir: pathlib.Path, steps: int) -> bool:
+  """The last metrics row and the latest checkpoint are both at step `steps`."""
+  if not (workdir / METRICS_FILE).is_file() or not (workdir / "checkpoints").is_dir():
+    return False
+  rows = read_metrics(workdir)
+  if not rows or rows[-1]["step"] != steps:
+    return False
+  with _checkpoints(workdir) as manager:
+    return manager.latest_step() == steps
+
+
+def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
+  """Records the run's configs in a new workdir; refuses one trained with others."""
+  path, wanted = workdir / RUN_CONFIG, configs_json(configs)
+  if not path.exists():
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Written whole under a private name, then renamed: with --multihost every process may
+    # write it at once (the same text), and none may read half a file.
+    tmp = path.with_suffix(f".{jax.process_index()}.tmp")
+    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
+    tmp.replace(path)
+    return
+  found = json.loads(path.read_text())
+  if found != wanted:
+    changed = sorted(f"{group}.{key}" for group in wanted for key in wanted[group]
+                     if found.get(group, {}).get(key) != wanted[group][key])
+    raise ValueError(f"{workdir} was trained with other configs (differing: "
+                     f"{', '.join(changed)}); choose another --out or delete that run")
+
+
+def use_compilation_cache(runs_dir: pathlib.Path) -> None:
+  """Keeps compiled programs in `runs_dir/jax_cache` unless JAX already has a cache: the
+  seeds of one variant compile the very same programs, which on a CPU costs as much as a
+  short run."""
+  if jax.config.jax_compilation_cache_dir is None:
+    jax.config.update("jax_compilation_cache_dir", str((runs_dir / "jax_cache").absolute()))
+
+
+def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool = True) -> None:
+  """Trains (or resumes, or reuses) every variant and seed, one after another."""
+  comparison, lead = settings.comparison, jax.process_index() == 0
+  runs = [(v, s) for v in comparison.variants for s in comparison.seeds]
+  for i, (variant, seed) in enumerate(runs, 1):
+    workdir, configs = runs_dir / run_name(variant, seed), run_configs(settings, variant, seed)
+    check_run_config(workdir, configs)
+    finished = is_finished(workdir, settings.loop.steps)
+    if lead:
+      print(f"[{i}/{len(runs)}] {run_name(variant, seed)}: "
+            + ("finished, reused" if finished else "training"), flush=True)
+    if not finished:
+      train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
+                      progress=progress, sample_tokens=0)
+
+
+def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:
+  """`[B, S]` tokens -> every block's output, `[L, B, S, C]`, or `[L, B, S, n, C]` with
+  streams."""
+  _, intermediates = nnx.capture(model, nnx.Intermediate,
+                                 method_outputs=nnx.Intermediate)(tokens)
+  sown = nnx.to_pure_dict(intermediates)["blocks"]
+  return jnp.stack([sown[i]["__call__"][0] for i in range(len(model.blocks))])
+
+
+def similarities(model: Transformer, tokens: jax.Array) -> dict[str, jax.Array]:
+  """`[B, S]` tokens -> "layers" `[L, L]` (cosine between blocks' outputs, streams summed)
+  and, with streams, "streams" `[L, n, n]` (cosine between the streams of each block's
+  output), both averaged over the tokens."""
+  outputs = block_outputs(model, tokens)
+  if not model.cfg.uses_streams:
+    return {"layers": layer_cosine_similarity(outputs)}
+  return {"layers": layer_cosine_similarity(reduce_streams(outputs)),
+          "streams": jax.vmap(stream_cosine_similarity)(outputs)}
+
+
+def compiled_similarities(trainer: Trainer):
+  """`(params, batch)` -> `similarities` of the model, replicated so every process can read
+  them."""
+  return jax.jit(lambda params, batch: similarities(nnx.merge(trainer.graphdef, params),
+                                                    batch["inputs"]),
+                 out_shardings=NamedSharding(trainer.mesh, P()))
+
+
+def final_params(trainer: Trainer, workdir: pathlib.Path, step: int):
+  with _checkpoints(workdir) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(trainer.abstract_state)))
+  return restored.state["params"]
+
+
+def analyse_runs(settings: Settings, runs_dir: pathlib.Path) -> list[report.Run]:
+  """Reads every run's metrics and measures its final parameters on validation batches."""
+  comparison, shard = settings.comparison, dict(shard_index=jax.process_index(),
+                                                shard_count=jax.process_count())
+  corpora = {seed: Corpus(run_configs(settings, comparison.variants[0], seed)["data"])
+             for seed in comparison.seeds}  # the data depend on the seed only
+  results = []
+  for variant in comparison.variants:
+    # One trainer and one compiled forward per variant: the seeds only change values.
+    configs = run_configs(settings, variant, comparison.seeds[0])
+    trainer = Trainer(configs["model"], configs["optimizer"], configs["mesh"], configs["loop"],
+                      configs["data"].batch_size, devices_for(settings.mesh))
+    measure = compiled_similarities(trainer)
+    for seed in comparison.seeds:
+      workdir = runs_dir / run_name(variant, seed)
+      params = final_params(trainer, workdir, settings.loop.steps)
+      batches = corpora[seed].validation_batches(comparison.analysis_batches, **shard)
+      with jax.set_mesh(trainer.mesh):
+        per_batch = [jax.device_get(measure(params, trainer.global_batch(b))) for b in batches]
+      if not per_batch:
+        raise ValueError(f"{workdir}: no validation batch to measure the similarities on")
+      means = {k: np.mean([b[k] for b in per_batch], axis=0) for k in per_batch[0]}
+      results.append(report.Run(variant, seed, read_metrics(workdir), trainer.num_params,
+                                means["layers"], means.get("streams")))
+  return results
+
+
+def settings_summary(settings: Settings, preset: str) -> dict:
+  """The settings the report states, JSON-ready: every run's configs, less what varies."""
+  comparison = settings.comparison
+  configs = configs_json(run_configs(settings, comparison.variants[0], comparison.seeds[0]))
+  for group, key in (("model", "residual"), ("data", "seed"), ("loop", "seed")):
+    del configs[group][key]
+  devices = devices_for(settings.mesh)
+  return {
+      "preset": preset,
+      **dataclasses.asdict(comparison),
+      "each seed sets": "LoopConfig.seed (initialisation) and DataConfig.seed (data order, "
+                        "validation split)",
+      "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
+      "jax": jax.__version__,
+      **configs,
+  }
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(prog="compare_residuals", description=__doc__.splitlines()[0])
+  parser.add_argument("--preset", default="cpu",
+                      help="name in gin_configs/compare/ (cpu, gpu, tpu_pod, stability) or a "
+                           ".gin path")
+  parser.add_argument("--out", required=True, help="report folder; runs go to OUT/runs/")
+  parser.add_argument("--variants", help=f"comma list of {', '.join(RESIDUALS)} (default: the "
+                                         "preset's)")
+  parser.add_argument("--seeds", help="comma list of ints, e.g. 0,1 (default: the preset's)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding applied after the preset (repeatable)")
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() first (every host of a pod runs "
+                           "this same command; OUT must be shared storage)")
+  parser.add_argument("--no_progress", action="store_true", help="no per-step progress bar")
+  return parser.parse_args(argv)
+
+
+def _comma_list(text: str | None, kind):
+  return None if text is None else tuple(kind(x) for x in text.split(",") if x.strip())
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    settings = load_settings(args.preset, args.gin_param, _comma_list(args.variants, str.strip),
+                             _comma_list(args.seeds, int))
+  except Exception as err:  # gin and the configs raise many types; each means a bad setting
+    text = str(err).strip().splitlines()
+    print(f"compare_residuals: {type(err).__name__}: {text[0] if text else ''}", file=sys.stderr)
+    return 2
+  if args.multihost:
+    jax.distributed.initialize()
+  out = pathlib.Path(args.out)
+  use_compilation_cache(out / "runs")
+  try:
+    train_runs(settings, out / "runs", progress=not args.no_progress)
+    runs = analyse_runs(settings, out / "runs")
+  except (ValueError, train_lib.NonFiniteError) as err:
+    print(f"compare_residuals: {err}", file=sys.stderr)
+    return 2 if isinstance(err, ValueError) else 1
+  if jax.process_index() == 0:
+    report.write_report(out, runs, settings_summary(settings, args.preset))
+    print(f"report: {out / 'report.md'}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
