@@ -37,7 +37,6 @@ from mhc_jax.modules import HyperConnection, ManifoldHyperConnection
 from mhc_jax.streams import expand_streams, reduce_streams
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
 STEPS = 12
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax writes a step here, then renames it
 # The tiny run every subprocess test trains (or breaks one binding of).
@@ -53,17 +52,6 @@ TIMEOUT = 240  # per subprocess; a healthy one takes seconds, even on two busy c
 
 
 # --- subprocess helpers ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """Twelve small documents of pseudo-verse (as in test_train)."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for d in range(12):
-    lines = [" ".join(rng.choice(WORDS, 6)).capitalize() + "." for _ in range(120)]
-    (root / f"doc{d:02d}.txt").write_text("\n".join(lines))
-  return str(root / "*.txt")
 
 
 @pytest.fixture(scope="module")

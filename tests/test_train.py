@@ -17,18 +17,6 @@ from mhc_jax.sharding import MeshConfig
 from mhc_jax.train import LoopConfig, NonFiniteError, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """Twelve small documents of pseudo-verse: learnable structure, nothing to download."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = np.random.default_rng(0)
-  for d in range(12):
-    lines = [" ".join(rng.choice(WORDS, 6)).capitalize() + "." for _ in range(120)]
-    (root / f"doc{d:02d}.txt").write_text("\n".join(lines))
-  return str(root / "*.txt")
 
 
 def tiny_model(**overrides):
