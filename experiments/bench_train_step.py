@@ -2,11 +2,13 @@
 
     python experiments/bench_train_step.py [--d_model 256] [--layers 6] [--seq 256]
         [--batch 16] [--steps 10] [--variants prenorm,hc,hc_static,mhc,mhc_sinkhorn1,mhc_lite]
+        [--remat none,minimal,full]
 
 Times the real `Trainer.train_step` (forward, backward, clipping, AdamW update, non-finite
-guard) on random token batches, float32, on whatever device JAX picked, and reads the
-compiled step's temporary bytes from its memory analysis. Every number is also given as a
-ratio to `prenorm`, measured in the same run (prenorm is always measured).
+guard) on random token batches, float32, scanned layers, on whatever device JAX picked, and
+reads the compiled step's temporary bytes from its memory analysis, for every variant under
+every remat policy given. Every number is also given as a ratio to `prenorm` without remat,
+measured in the same run (it is always measured).
 """
 
 import argparse
@@ -15,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from mhc_jax.model import ModelConfig
+from mhc_jax.model import REMAT_POLICIES, ModelConfig
 from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
 from mhc_jax.trainer import LoopConfig, Trainer
@@ -31,14 +33,14 @@ VARIANTS = {
     "mhc_sinkhorn1": dict(residual="mhc", num_streams=NUM_STREAMS, sinkhorn_iters=1),
     "mhc_lite": dict(residual="mhc_lite", num_streams=NUM_STREAMS),
 }
-BASELINE = "prenorm"
+BASELINE = ("prenorm", "none")
 
 
-def build(variant: str, args):
+def build(variant: str, remat: str, args):
   """-> (trainer, initial state, one device batch) for `variant` on the first device."""
   model = ModelConfig(vocab_size=VOCAB, d_model=args.d_model, num_layers=args.layers,
                       num_heads=args.heads, mlp_dim=args.mlp_dim, dtype="float32",
-                      **VARIANTS[variant])
+                      remat=remat, **VARIANTS[variant])
   # LoopConfig.steps only sets the learning-rate schedule's length, not the work of a step.
   trainer = Trainer(model, OptimizerConfig(), MeshConfig(), LoopConfig(steps=args.steps + 1),
                     args.batch, devices=jax.devices()[:1])
@@ -63,15 +65,15 @@ def timed_step(run) -> float:
   return time.perf_counter() - start
 
 
-def measure(variants: list[str], args) -> dict[str, dict]:
-  """Builds and warms up every variant, then times them round-robin: on a shared machine the
-  load from other jobs drifts over minutes, and this spreads it over every variant."""
+def measure(rows: list[tuple[str, str]], args) -> dict[tuple[str, str], dict]:
+  """Builds and warms up every (variant, remat) row, then times them round-robin: on a shared
+  machine the load from other jobs drifts over minutes, and this spreads it over every row."""
   runs = {}
-  for variant in variants:
-    trainer, state, batch = build(variant, args)
-    runs[variant] = {"trainer": trainer, "state": state, "batch": batch, "times": [],
+  for variant, remat in rows:
+    trainer, state, batch = build(variant, remat, args)
+    runs[variant, remat] = {"trainer": trainer, "state": state, "batch": batch, "times": [],
                      "params": trainer.num_params, "temp_bytes": temp_bytes(trainer, args)}
-    timed_step(runs[variant])  # compile and warm up
+    timed_step(runs[variant, remat])  # compile and warm up
   for _ in range(args.steps):
     for run in runs.values():
       run["times"].append(timed_step(run))
@@ -79,19 +81,20 @@ def measure(variants: list[str], args) -> dict[str, dict]:
                  "temp_bytes": run["temp_bytes"]} for name, run in runs.items()}
 
 
-def print_table(results: dict[str, dict], args) -> None:
+def print_table(results: dict[tuple[str, str], dict], args) -> None:
   base = results[BASELINE]
   print(f"Train step (fwd+bwd+AdamW), d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads, mlp {args.mlp_dim}, seq {args.seq}, batch {args.batch}, float32, "
         f"n={NUM_STREAMS}, on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"median of {args.steps}")
-  header = f"| {'variant':<13} | {'params':>9} | {'step ms':>8} | {'vs prenorm':>10} | " \
-           f"{'overhead':>8} | {'temp MiB':>8} | {'vs prenorm':>10} |"
+  header = f"| {'variant':<13} | {'remat':<7} | {'params':>9} | {'step ms':>8} | " \
+           f"{'vs prenorm':>10} | {'overhead':>8} | {'temp MiB':>8} | {'vs prenorm':>10} |"
   print(header)
   print("|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|")
-  for name, r in results.items():
+  for (name, remat), r in results.items():
     ratio = r["seconds"] / base["seconds"]
-    print(f"| {name:<13} | {r['params']:>9,} | {r['seconds'] * 1e3:8.1f} | {ratio:9.2f}x | "
+    print(f"| {name:<13} | {remat:<7} | {r['params']:>9,} | {r['seconds'] * 1e3:8.1f} | "
+          f"{ratio:9.2f}x | "
           f"{(ratio - 1) * 100:7.1f}% | {r['temp_bytes'] / 2**20:8.1f} | "
           f"{r['temp_bytes'] / base['temp_bytes']:9.2f}x |")
 
@@ -107,15 +110,20 @@ def main(argv=None) -> None:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma list of {', '.join(VARIANTS)}")
+  parser.add_argument("--remat", default="none",
+                      help=f"comma list of remat policies ({', '.join(REMAT_POLICIES)})")
   args = parser.parse_args(argv)
 
   variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-  unknown = sorted(set(variants) - set(VARIANTS))
-  if unknown:
-    parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+  policies = [r.strip() for r in args.remat.split(",") if r.strip()]
+  for name, given, allowed in (("variant", variants, VARIANTS),
+                               ("remat policy", policies, REMAT_POLICIES)):
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+      parser.error(f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
   # The baseline runs first so every ratio has its denominator.
-  variants = [BASELINE] + [v for v in dict.fromkeys(variants) if v != BASELINE]
-  print_table(measure(variants, args), args)
+  rows = [(v, r) for v in dict.fromkeys(variants) for r in dict.fromkeys(policies)]
+  print_table(measure([BASELINE] + [row for row in rows if row != BASELINE], args), args)
 
 
 if __name__ == "__main__":

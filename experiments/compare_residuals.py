@@ -45,7 +45,7 @@ from mhc_jax import train as train_lib  # noqa: E402
 from mhc_jax.data import Corpus, DataConfig  # noqa: E402
 from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity  # noqa: E402
 from mhc_jax.metrics import METRICS_FILE, read_metrics  # noqa: E402
-from mhc_jax.model import RESIDUALS, ModelConfig, Transformer  # noqa: E402
+from mhc_jax.model import RESIDUALS, ModelConfig, Transformer, per_layer  # noqa: E402
 from mhc_jax.optim import OptimizerConfig  # noqa: E402
 from mhc_jax.sharding import MeshConfig  # noqa: E402
 from mhc_jax.streams import reduce_streams  # noqa: E402
@@ -221,8 +221,7 @@ def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:
   streams."""
   _, intermediates = nnx.capture(model, nnx.Intermediate,
                                  method_outputs=nnx.Intermediate)(tokens)
-  sown = nnx.to_pure_dict(intermediates)["blocks"]
-  return jnp.stack([sown[i]["__call__"][0] for i in range(len(model.blocks))])
+  return per_layer(model, nnx.to_pure_dict(intermediates)["blocks"], "__call__", 0)
 
 
 def similarities(model: Transformer, tokens: jax.Array) -> dict[str, jax.Array]:

@@ -3,10 +3,12 @@ parameters and the coefficient functions, as plain dataclasses and pure function
 
 The NNX and Linen modules are thin shells over these, so both share one set of math and
 parameter names. Everything on the coefficient path runs in float32 with full-precision
-matmuls, whatever the streams' dtype, and looks at one token at a time (causal).
+matmuls, whatever the streams' dtype (float64 stays float64, for references), and looks at
+one token at a time (causal).
 """
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Literal
@@ -42,9 +44,75 @@ def check_streams(streams: jax.Array, num_streams: int, dim: int) -> None:
 
 
 def rms_normalise(x: jax.Array, eps: float) -> jax.Array:
-  """Un-weighted RMSNorm over the last axis, in float32."""
-  x = x.astype(jnp.float32)
+  """Un-weighted RMSNorm over the last axis, in float32 (float64 stays float64)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+def _compute_dtype(x: jax.Array, w: jax.Array) -> jnp.dtype:
+  """float32 for float32 and narrower inputs; float64 stays float64 (for references)."""
+  return jnp.promote_types(jnp.promote_types(x.dtype, w.dtype), jnp.float32)
+
+
+def _project(x: jax.Array, w: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """-> (`x @ w` `[..., W]`, `rsqrt(mean(x^2) + eps)` `[..., 1]`) in the compute dtype."""
+  features = w.ndim - 1
+  dtype = _compute_dtype(x, w)
+  x = x.astype(dtype)
+  projection = jnp.tensordot(x, w.astype(dtype), axes=features, precision=_HIGHEST)
+  mean_square = jnp.mean(jnp.square(x), axis=tuple(range(-features, 0)))
+  return projection, jax.lax.rsqrt(mean_square + eps)[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_projection(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """`(x @ w) * rsqrt(mean(x^2) + eps)`: `[..., *F]`, `[*F, W]` -> `[..., W]`.
+
+  The RMS and the contraction run over x's trailing axes `F` (as many as `w` has before its
+  last), so `[..., n, C]` streams go in without a reshape. That matters for the memory: the
+  backward keeps only `x` itself (which the site's `merge` keeps anyway), `w` and two small
+  per-token arrays, the projection `[..., W]` and `rsqrt(...)` `[..., 1]`, and recomputes the
+  rest. Autodiff of the same formula keeps two more x-sized arrays: the flattened float32 copy
+  of `x` and the derivative of its square. (A reshaped `x` kept for the backward is a buffer
+  of its own once the residuals leave the forward, e.g. stacked by a scan over layers, even
+  where the reshape is a bitcast; on TPU `[..., 4, C]` -> `[..., 4C]` is a real relayout.)
+  With `r = rsqrt(mean(x^2) + eps)`, `N = size(F)`:
+
+      dx = (g r) @ w^T - sum_W(g * (x @ w)) * r^3 * x / N,    dw = sum_tokens x^T (g r)
+
+  Computes in float32 (float64 stays float64); the result has the compute dtype, the
+  gradients the dtypes of `x` and `w`.
+  """
+  projection, inv_rms = _project(x, w, eps)
+  return projection * inv_rms
+
+
+def _rms_projection_fwd(x, w, eps):
+  projection, inv_rms = _project(x, w, eps)
+  return projection * inv_rms, (x, w, projection, inv_rms)
+
+
+def _rms_projection_bwd(eps, residuals, g):
+  del eps  # already inside the saved rsqrt
+  x, w, projection, inv_rms = residuals
+  features = w.ndim - 1
+  dtype = projection.dtype
+  g = g.astype(dtype)
+  g_scaled = g * inv_rms
+  # Through rsqrt(mean(x^2) + eps): d r / d x = -r^3 x / N.
+  through_rms = (-jnp.sum(g * projection, axis=-1, keepdims=True) * inv_rms**3 /
+                 math.prod(w.shape[:-1]))
+  through_rms = through_rms.reshape(through_rms.shape[:-1] + (1,) * features)
+  x = x.astype(dtype)
+  dx = (jnp.tensordot(g_scaled, w.astype(dtype), axes=((-1,), (-1,)), precision=_HIGHEST) +
+        through_rms * x)
+  tokens = tuple(range(x.ndim - features))
+  # `[W, *F]` then transposed: the other operand order made XLA:CPU transpose all of x.
+  dw = jnp.tensordot(g_scaled, x, axes=(tokens, tokens), precision=_HIGHEST)
+  return dx.astype(residuals[0].dtype), jnp.moveaxis(dw, 0, -1).astype(w.dtype)
+
+
+rms_projection.defvjp(_rms_projection_fwd, _rms_projection_bwd)
 
 
 def one_hot_logits(num_streams: int, layer_index: int, on: float, off: float) -> np.ndarray:
@@ -226,9 +294,7 @@ class MHCConfig:
   def coefficients(self, params: Params, streams: jax.Array) -> Coefficients:
     """`[..., n, C]` -> Coefficients with shapes `[..., n]`, `[..., n]`, `[..., n, n]`."""
     n = self.num_streams
-    flat = streams.reshape(*streams.shape[:-2], n * self.dim).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + self.norm_eps)
-    mixes = jnp.dot(flat, params["phi"], precision=_HIGHEST) * inv_rms
+    mixes = rms_projection(streams, params["phi"].reshape(n, self.dim, -1), self.norm_eps)
     alpha, bias = params["alpha"], params["bias"]
     batch = mixes.shape[:-1]
 
@@ -291,7 +357,6 @@ class HeadConfig:
 
   def weights(self, params: Params, streams: jax.Array) -> jax.Array:
     """`[..., n, C]` -> `[..., n]` per-token stream weights."""
-    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + self.norm_eps)
-    mixes = jnp.dot(flat, params["phi"], precision=_HIGHEST) * inv_rms
+    phi = params["phi"].reshape(self.num_streams, self.dim, -1)
+    mixes = rms_projection(streams, phi, self.norm_eps)
     return jax.nn.sigmoid(params["alpha"][0] * mixes + params["bias"]) + self.eps

@@ -14,21 +14,47 @@ final norm. Everything else is identical across variants, so loss curves compare
 
 Parameters are float32 and carry `logical_axes` metadata (see `sharding.py`); activations
 run in `dtype`; the hyper-connection coefficient path stays float32 whatever `dtype` is.
+
+Depth: with `scan_layers` (the default) the blocks' parameters are stacked on a leading
+`layers` axis and the stack runs under `nnx.scan`, so the program (and its compile time)
+does not grow with depth; `remat` picks what the backward recomputes (see `REMAT_POLICIES`).
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
+from mhc_jax.attention import (ATTENTION_IMPLEMENTATIONS, SPLASH_SEQ_MULTIPLE, causal_attention,
+                               default_attention)
 from mhc_jax.mappings import check_streams
 from mhc_jax.modules import HyperConnection, ManifoldHyperConnection
+from mhc_jax.sharding import BATCH_AXES
 from mhc_jax.streams import expand_streams, reduce_streams
 
 RESIDUALS = ("prenorm", "postnorm", "hc", "mhc", "mhc_lite")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+LAYERS_AXIS = "layers"  # the logical axis of stacked (scanned) block parameters
+
+# The branches' matmul outputs, named so a remat policy can keep them (see REMAT_POLICIES).
+BRANCH_MATMULS = ("query", "key", "value", "attention_context", "attention_out", "mlp_gate",
+                  "mlp_up", "mlp_out")
+# What the backward of a block keeps; everything else it recomputes from the block's input.
+#   none     keep every intermediate (no recomputation)
+#   minimal  keep the branches' matmul outputs; recompute the cheap n-wide work (norms, the
+#            hyper-connection coefficients and Sinkhorn, pre/post/res mixing), attention
+#            probabilities and elementwise activations: the mHC paper's recipe
+#   full     keep only the block's input; recompute the whole block
+REMAT_POLICIES = {
+    "none": None,
+    "minimal": jax.checkpoint_policies.save_only_these_names(*BRANCH_MATMULS),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +74,9 @@ class ModelConfig:
   rope_base: float = 10_000.0
   norm_eps: float = 1e-6
   init_std: float = 0.02
+  scan_layers: bool = True
+  remat: str = "minimal"
+  attention: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "num_streams",
@@ -65,6 +94,13 @@ class ModelConfig:
                        "even for RoPE")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers must be True or False, got {self.scan_layers!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {', '.join(REMAT_POLICIES)}; got {self.remat!r}")
+    if self.attention not in ("auto", *ATTENTION_IMPLEMENTATIONS):
+      raise ValueError(f"attention must be one of auto, {', '.join(ATTENTION_IMPLEMENTATIONS)}; "
+                       f"got {self.attention!r}")
 
   @property
   def uses_streams(self) -> bool:
@@ -73,6 +109,15 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  def attention_for(self, seq_len: int) -> str:
+    """The attention implementation that runs: `attention`, or for "auto" the platform's
+    library kernel (splash on TPU when `seq_len` is a multiple of 128, cuDNN on GPU in
+    bfloat16) and the einsum everywhere else."""
+    if self.attention != "auto":
+      return self.attention
+    choice = default_attention(dtype=DTYPES[self.dtype])
+    return "xla" if choice == "splash" and seq_len % SPLASH_SEQ_MULTIPLE else choice
 
 
 def _param(rngs, shape, std, logical_axes):
@@ -89,6 +134,19 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
     return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def _attention(q, k, v, implementation: str) -> jax.Array:
+  """`causal_attention`, run per shard for the Pallas splash kernel when a mesh is set:
+  Pallas calls are not partitioned automatically. Batch is split as the activations are
+  (data, fsdp), heads over tensor."""
+  attend = functools.partial(causal_attention, implementation=implementation)
+  mesh = jax.sharding.get_abstract_mesh()
+  if implementation != "splash" or mesh.empty or mesh.size == 1:
+    return attend(q, k, v)
+  spec = P(BATCH_AXES, None, "tensor", None)
+  return jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
 
 
 def rope(x: jax.Array, base: float) -> jax.Array:
@@ -114,16 +172,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x):  # [batch, seq, d_model]
     dtype = x.dtype
-    q, k, v = (jnp.einsum("bld,dhk->blhk", x, w[...].astype(dtype))
-               for w in (self.wq, self.wk, self.wv))
+    q, k, v = (checkpoint_name(jnp.einsum("bld,dhk->blhk", x, w[...].astype(dtype)), name)
+               for w, name in ((self.wq, "query"), (self.wk, "key"), (self.wv, "value")))
     q, k = rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(self.cfg.head_dim)
-    seq = x.shape[1]
-    causal = jnp.tril(jnp.ones((seq, seq), bool))
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).astype(dtype)
-    out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-    return jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype))
+    out = _attention(q, k, v, self.cfg.attention_for(x.shape[1]))
+    out = checkpoint_name(out, "attention_context")
+    return checkpoint_name(jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)),
+                           "attention_out")
 
 
 class SwiGLU(nnx.Module):
@@ -136,8 +191,9 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x):
     dtype = x.dtype
-    gate = jax.nn.silu(x @ self.w_gate[...].astype(dtype))
-    return (gate * (x @ self.w_up[...].astype(dtype))) @ self.w_down[...].astype(dtype)
+    gate = checkpoint_name(x @ self.w_gate[...].astype(dtype), "mlp_gate")
+    up = checkpoint_name(x @ self.w_up[...].astype(dtype), "mlp_up")
+    return checkpoint_name((jax.nn.silu(gate) * up) @ self.w_down[...].astype(dtype), "mlp_out")
 
 
 def make_site(cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
@@ -176,36 +232,99 @@ class Block(nnx.Module):
     return self._sublayer(h, self.mlp_site, self.mlp_norm, self.mlp)
 
 
+def stack_layers(blocks: list[Block]) -> Block:
+  """Blocks of one structure -> one Block whose parameters are stacked on a leading
+  `layers` axis (logical axis `LAYERS_AXIS`), for `nnx.scan`. Each layer keeps the values it
+  was initialised with, `layer_index`-dependent ones included; the stacked Block's static
+  fields are layer 0's (the sites' `layer_index` only shapes initial values)."""
+  graphdef, _ = nnx.split(blocks[0])
+
+  def stack(*variables):
+    # Every stacked Variable names its layers axis, so sharding and weight decay can tell a
+    # stack of vectors from a matrix; unnamed axes stay None (replicated).
+    axes = variables[0].get_metadata().get("logical_axes") or (None,) * variables[0].ndim
+    return variables[0].replace(jnp.stack([v[...] for v in variables]),
+                                logical_axes=(LAYERS_AXIS, *axes))
+
+  states = [nnx.state(block) for block in blocks]
+  return nnx.merge(graphdef, jax.tree.map(stack, *states,
+                                          is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def _run_block(block: Block, h: jax.Array) -> jax.Array:
+  return block(h)
+
+
 class Transformer(nnx.Module):
-  """`[batch, seq]` int token ids -> `[batch, seq, vocab]` float32 logits."""
+  """`[batch, seq]` int token ids -> `[batch, seq, vocab]` float32 logits.
+
+  Embedding and read-out follow Gemma's convention: the looked-up embedding is multiplied by
+  sqrt(d_model) on the way in, and the logits are `final_norm(h) @ E^T` (tied) or
+  `final_norm(h) @ unembed` with no multiplier. Both matrices start N(0, 1/d_model²), so each
+  row has length about 1/sqrt(d_model) and a logit, |row| · |final_norm(h)| · cos, is at most
+  about 1 at initialisation whatever the width: a fresh model predicts close to uniformly,
+  ln(vocab). This is needed because near-identity residual blocks carry every token's own
+  embedding to the read-out; with N(0, 1) embeddings and a 1/sqrt(d) read-out each token
+  would predict itself with logit sqrt(d). Without a read-out multiplier the read-out keeps
+  the standard parametrisation's learning speed (an Adam step moves a logit by about
+  d_model · lr), so the small start costs no training time (docs/results.md).
+  """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"))
-    self.blocks = nnx.List([Block(cfg, layer, rngs) for layer in range(cfg.num_layers)])
+    embed_std = 1.0 / cfg.d_model
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"))
+    # Built in depth order either way, so both layouts draw the same initial values.
+    blocks = [Block(cfg, layer, rngs) for layer in range(cfg.num_layers)]
+    self.blocks = stack_layers(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     if not cfg.tie_embeddings:
-      self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), cfg.init_std,
-                            ("embed", "vocab"))
+      self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), embed_std, ("embed", "vocab"))
+
+  def _blocks(self, h: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    run = _run_block
+    if cfg.remat != "none":
+      # Under scan, CSE cannot merge the recomputation into the forward: no barrier needed.
+      run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      return nnx.scan(lambda h, block: run(block, h), in_axes=(nnx.Carry, 0),
+                      out_axes=nnx.Carry)(h, self.blocks)
+    for block in self.blocks:
+      h = run(block, h)
+    return h
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
-    h = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    # Inputs of RMS about 1/sqrt(d): far above the norms' eps at any width.
+    h = (jnp.take(self.embed[...], tokens, axis=0) * math.sqrt(cfg.d_model)).astype(dtype)
     if cfg.uses_streams:
       h = expand_streams(h, cfg.num_streams)
-    for block in self.blocks:
-      h = block(h)
+    h = self._blocks(h)
     if cfg.uses_streams:
       check_streams(h, cfg.num_streams, cfg.d_model)
       h = reduce_streams(h)
     h = self.final_norm(h)
-    if cfg.tie_embeddings:
-      # Embeddings are N(0, 1); scale the tied read-out so initial logits are O(1).
-      return jnp.einsum("bld,vd->blv", h, self.embed[...].astype(dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(cfg.d_model)
-    return jnp.einsum("bld,dv->blv", h, self.unembed[...].astype(dtype),
+    readout = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+    return jnp.einsum("bld,dv->blv", h, readout.astype(dtype),
                       preferred_element_type=jnp.float32)
+
+
+def per_layer(model: Transformer, sown_blocks, *path):
+  """The value sown at `blocks/<layer>/<path>` for every layer, each array stacked
+  `[num_layers, ...]`,
+  from `nnx.to_pure_dict(intermediates)["blocks"]`, for either layout (scanned blocks sow
+  it stacked already)."""
+  def at(tree):
+    for key in path:
+      tree = tree[key]
+    return tree
+
+  if model.cfg.scan_layers:
+    return at(sown_blocks)
+  layers = [at(sown_blocks[layer]) for layer in range(model.cfg.num_layers)]
+  return jax.tree.map(lambda *values: jnp.stack(values), *layers)
 
 
 def count_params(model: nnx.Module) -> int:

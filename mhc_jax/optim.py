@@ -5,6 +5,9 @@ import dataclasses
 
 import jax
 import optax
+from flax import nnx
+
+from mhc_jax.model import LAYERS_AXIS
 
 SCHEDULES = ("cosine", "step")
 
@@ -44,19 +47,26 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def decay_mask(params):
-  """True for weight matrices; False for vectors and scalars (norm scales, biases, gates,
-  alpha) and for HC's static parameters, which the HC paper exempts."""
+def decay_mask(state):
+  """`nnx.State` of the model's Variables -> pure dict, True for weight matrices; False for
+  vectors and scalars (norm scales, biases, gates, alpha) and for HC's static parameters,
+  which the HC paper exempts. A scanned stack's leading `layers` axis does not count: a
+  stack of norm scales is still a vector per layer."""
 
-  def decays(path, leaf):
-    return leaf.ndim >= 2 and not any("static_" in str(getattr(k, "key", "")) for k in path)
+  def decays(path, variable):
+    axes = variable.get_metadata().get("logical_axes") or ()
+    rank = variable.ndim - (axes[:1] == (LAYERS_AXIS,))
+    return rank >= 2 and not any("static_" in str(getattr(k, "key", "")) for k in path)
 
-  return jax.tree_util.tree_map_with_path(decays, params)
+  return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
+      decays, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int,
+                   decay: optax.Params) -> optax.GradientTransformation:
+  """`decay`: which parameters get weight decay (a pytree of bools, see `decay_mask`)."""
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                  weight_decay=cfg.weight_decay, mask=decay_mask),
+                  weight_decay=cfg.weight_decay, mask=decay),
   )

@@ -2,8 +2,8 @@
 
 Parameters carry `logical_axes` metadata (see `model.py`). The default rules give FSDP over
 the embedding dimension and tensor parallelism over attention heads and the MLP hidden
-dimension; the batch is split over `data` and `fsdp` together. Parameters without metadata
-(norm scales, hyper-connection coefficients: tiny) are replicated.
+dimension; the batch is split over `data` and `fsdp` together. Parameters without metadata,
+and axes named None (hyper-connection coefficients: tiny), are replicated.
 """
 
 import dataclasses
@@ -19,6 +19,7 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES: Mapping[str, str | None] = {
     "embed": "fsdp", "heads": "tensor", "mlp": "tensor",
     "head_dim": None, "vocab": None, "norm": None,
+    "layers": None,  # scanned blocks' stacking axis: every device holds every layer's slice
 }
 
 
@@ -64,7 +65,7 @@ def param_specs(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     axes = variable.get_metadata().get("logical_axes")
     if axes is None:
       return P()
-    mesh_axes = tuple(rules[a] for a in axes)
+    mesh_axes = tuple(None if a is None else rules[a] for a in axes)
     for dim, axis in zip(variable.shape, mesh_axes):
       if axis is not None and dim % mesh.shape[axis]:
         raise ValueError(f"parameter {_path_name(path)} of shape {variable.shape} cannot be "

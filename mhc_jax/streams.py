@@ -4,14 +4,22 @@ The update of one site (attention or MLP), in the mHC paper's notation:
 
     X_out = H_res @ X + H_post^T * F(H_pre @ X)
 
-`aggregate` is `H_pre @ X`, `merge` is the rest. Mixing runs in float32 and returns the
-streams' dtype.
+`aggregate` is `H_pre @ X`, `merge` is the rest. Mixing runs in float32 (float64 streams stay
+float64) and returns the streams' dtype.
+
+Every contraction over the stream axis asks for HIGHEST precision explicitly. At DEFAULT, the
+one `jax.default_matmul_precision` governs, TPUs multiply float32 in one bfloat16 pass (GPUs
+in TF32): the identity path `H_res @ X` would then be rounded to 8 mantissa bits at every
+sub-layer, and the rows of `H_res` would in effect no longer sum to 1. The contractions are
+`n` deep, so full precision costs little; they stay dot_generals for XLA to fuse.
 """
 
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Coefficients(NamedTuple):
@@ -41,14 +49,21 @@ def reduce_streams(streams: jax.Array) -> jax.Array:
   return jnp.sum(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
 
 
+def _mixing_dtype(streams: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(streams.dtype, jnp.float32)
+
+
 def aggregate(streams: jax.Array, h_pre: jax.Array) -> jax.Array:
   """`H_pre @ X`: `[..., n, dim]`, `[..., n]` -> `[..., dim]` (the branch input)."""
-  out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(jnp.float32))
+  out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(_mixing_dtype(streams)),
+                   precision=_HIGHEST)
   return out.astype(streams.dtype)
 
 
 def merge(streams: jax.Array, branch_output: jax.Array, coefficients: Coefficients) -> jax.Array:
   """`H_res @ X + H_post^T F`: `[..., n, dim]`, `[..., dim]` -> `[..., n, dim]`."""
-  mixed = jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams.astype(jnp.float32))
-  spread = coefficients.h_post[..., :, None] * branch_output.astype(jnp.float32)[..., None, :]
+  dtype = _mixing_dtype(streams)
+  mixed = jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams.astype(dtype),
+                     precision=_HIGHEST)
+  spread = coefficients.h_post[..., :, None] * branch_output.astype(dtype)[..., None, :]
   return (mixed + spread).astype(streams.dtype)

@@ -1,5 +1,7 @@
 """Optimizer schedule and weight-decay mask; parameter sharding rules and their errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,17 +31,19 @@ def test_cosine_warms_up_then_decays_to_final_ratio():
 def test_weight_decay_spares_norms_gates_and_static_hc_params():
   cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, residual="hc",
                     hc_dynamic=True)
-  params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
-  mask = decay_mask(params)
-  block = mask["blocks"][0]
+  mask = decay_mask(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
+  unrolled = decay_mask(nnx.state(Transformer(dataclasses.replace(cfg, scan_layers=False),
+                                              rngs=nnx.Rngs(0))))
+  block = mask["blocks"]  # scanned: one block, every parameter stacked on a layers axis
+  assert jax.tree.leaves(block) == jax.tree.leaves(unrolled["blocks"][0])
   assert mask["embed"] and block["attn"]["wq"] and block["mlp"]["w_down"]
   assert block["attn_site"]["w_res"]  # a dynamic weight matrix
   assert not block["attn_norm"]["scale"]
   assert not any([block["attn_site"][k] for k in ("static_res", "static_pre", "static_post",
                                                   "scale_alpha", "norm_scale")])
   mhc = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, residual="mhc")
-  site = decay_mask(nnx.to_pure_dict(nnx.state(Transformer(mhc, rngs=nnx.Rngs(0)))))
-  site = site["blocks"][0]["mlp_site"]
+  site = decay_mask(nnx.state(Transformer(mhc, rngs=nnx.Rngs(0))))
+  site = site["blocks"]["mlp_site"]
   assert site["phi"] and not site["alpha"] and not site["bias"]
 
 
@@ -53,19 +57,25 @@ def test_fsdp_over_embedding_and_tensor_over_heads_and_mlp():
   cfg = ModelConfig(d_model=32, num_layers=1, num_heads=4, mlp_dim=64, residual="mhc",
                     tie_embeddings=False)
   specs = model_specs(cfg, MeshConfig(data=2, fsdp=2, tensor=2))
-  block = specs["blocks"][0]
   assert specs["embed"] == P(None, "fsdp") and specs["unembed"] == P("fsdp", None)
-  assert block["attn"]["wq"] == P("fsdp", "tensor", None)
-  assert block["attn"]["wo"] == P("tensor", None, "fsdp")
-  assert block["mlp"]["w_up"] == P("fsdp", "tensor") and block["mlp"]["w_down"] == P("tensor", "fsdp")
-  assert block["attn_site"]["phi"] == P() and block["attn_norm"]["scale"] == P(None)
+  # Scanned blocks carry a leading, unsharded layers axis; unrolled ones do not.
+  scanned = specs["blocks"]
+  unrolled = model_specs(dataclasses.replace(cfg, scan_layers=False),
+                         MeshConfig(data=2, fsdp=2, tensor=2))["blocks"][0]
+  for block, layers in ((scanned, (None,)), (unrolled, ())):
+    assert block["attn"]["wq"] == P(*layers, "fsdp", "tensor", None)
+    assert block["attn"]["wo"] == P(*layers, "tensor", None, "fsdp")
+    assert block["mlp"]["w_up"] == P(*layers, "fsdp", "tensor")
+    assert block["mlp"]["w_down"] == P(*layers, "tensor", "fsdp")
+    assert set(block["attn_site"]["phi"]) <= {None}  # replicated
+    assert block["attn_norm"]["scale"] == P(*layers, None)
 
 
 def test_sharding_errors_name_the_culprit():
   with pytest.raises(ValueError, match="must equal the number of devices, 8"):
     make_mesh(MeshConfig(data=3))
   cfg = ModelConfig(d_model=32, num_layers=1, num_heads=2, mlp_dim=64)
-  with pytest.raises(ValueError, match=r"blocks/0/attn/w[qkvo] of shape .* split 4 ways over mesh axis 'tensor'"):
+  with pytest.raises(ValueError, match=r"blocks/attn/w[qkvo] of shape .* split 4 ways over mesh axis 'tensor'"):
     model_specs(cfg, MeshConfig(tensor=4))
   with pytest.raises(ValueError, match="mesh fsdp size"):
     MeshConfig(fsdp=0)

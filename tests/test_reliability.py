@@ -124,8 +124,11 @@ def start_banner(stdout: str) -> int | None:
   return None if match is None else int(match.group(2) or 0)
 
 
+WALL_CLOCK = ("tokens_per_sec", "tflops_per_device", "mfu")
+
+
 def without_wall_clock(rows) -> list[dict]:
-  return [{k: v for k, v in row.items() if k != "tokens_per_sec"} for row in rows]
+  return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
 
 
 def wait_for(proc: subprocess.Popen, ready: Callable[[], bool], poll: float = 0.002) -> bool:
@@ -373,10 +376,21 @@ BAD_INPUTS = [
     Case("heads_not_divisible_by_tensor_axis", "attn/wk .* cannot be split 4 ways .*'tensor'",
          {"MeshConfig.tensor": 4, "ModelConfig.num_heads": 2}, devices=4),
     Case("checkpoint_of_another_width", rf"checkpoint of step {STEPS} .* holds "
-         r"float32\[32, 4, 8\] for params\.blocks\.0\.attn\.wk, this config needs "
-         r"float32\[64, 4, 16\]", {"ModelConfig.d_model": 64}),
+         r"float32\[2, 32, 4, 8\] for params\.blocks\.attn\.wk, this config needs "
+         r"float32\[2, 64, 4, 16\]", {"ModelConfig.d_model": 64}),
     Case("checkpoint_of_another_residual", rf"checkpoint of step {STEPS} .* holds nothing "
-         r"for params\.blocks\.0\.attn_site\.", {"ModelConfig.residual": "mhc"}),
+         r"for params\.blocks\.attn_site\.", {"ModelConfig.residual": "mhc"}),
+    Case("checkpoint_of_another_layer_layout", rf"checkpoint of step {STEPS} .* holds scanned "
+         r"layers, this config has unrolled ones: set ModelConfig\.scan_layers = True",
+         {"ModelConfig.scan_layers": False}),
+    Case("unknown_remat", "remat must be one of none, minimal, full; got 'some'",
+         {"ModelConfig.remat": "some"}),
+    Case("unknown_attention", "attention must be one of auto, xla, cudnn, splash; got 'flash'",
+         {"ModelConfig.attention": "flash"}),
+    Case("scan_layers_not_a_bool", "scan_layers must be True or False, got 'yes'",
+         {"ModelConfig.scan_layers": "yes"}),
+    Case("attention_the_platform_cannot_run", "attention='cudnn' needs a GPU",
+         {"ModelConfig.attention": "cudnn"}),
     Case("corrupted_checkpoint_array_file", DAMAGED, prepare=_corrupt_largest_array_file),
     Case("corrupted_checkpoint_metadata", DAMAGED, prepare=_corrupt("state/_METADATA")),
     Case("corrupted_iterator_state", DAMAGED, prepare=_corrupt("data/process_0-of-1.json")),

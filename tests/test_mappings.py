@@ -1,0 +1,188 @@
+"""`mappings.rms_projection` (custom VJP) and the coefficient paths that use it, against
+autodiff of the plain formula in float64."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.sinkhorn import sinkhorn_reference
+from mhc_jax import HeadConfig, MHCConfig, aggregate, merge
+from mhc_jax.mappings import rms_projection
+
+EPS = 1e-6
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(out - ref) / np.linalg.norm(ref)
+
+
+def random(seed, shape, dtype=np.float32, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, dtype)
+
+
+def plain_rms_projection(x, w, eps):
+  """The formula itself, for autodiff: flatten the trailing axes that `w` contracts."""
+  flat = x.reshape(*x.shape[:x.ndim - (w.ndim - 1)], -1)
+  return (flat @ w.reshape(flat.shape[-1], -1)) / jnp.sqrt(
+      jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
+
+
+def value_and_grads(fn, x, w, g):
+  out, pullback = jax.vjp(lambda x, w: fn(x, w, EPS), x, w)
+  return out, *pullback(g.astype(out.dtype))
+
+
+SHAPES = {  # leading axes, feature axes, width
+    "no leading axes": ((), (12,), 5),
+    "one leading axis": ((7,), (12,), 5),
+    "streams layout": ((2, 3), (4, 6), 24),
+    "three leading axes": ((2, 1, 3), (4, 6), 24),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_projection_float64_matches_autodiff_of_plain_formula(shape):
+  lead, features, width = SHAPES[shape]
+  with jax.enable_x64(True):
+    x = random(1, lead + features, np.float64, scale=3.0)
+    w = random(2, features + (width,), np.float64)
+    g = random(3, lead + (width,), np.float64)
+    got = value_and_grads(rms_projection, x, w, g)
+    ref = value_and_grads(plain_rms_projection, x, w, g)
+  for name, a, b in zip(("value", "dx", "dw"), got, ref):
+    assert a.dtype == jnp.float64 and a.shape == b.shape, name
+    assert rel_err(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("shape", ["one leading axis", "three leading axes"])
+def test_rms_projection_float32_and_bfloat16_against_float64(shape):
+  lead, features, width = SHAPES[shape]
+  x, w, g = random(4, lead + features), random(5, features + (width,)), random(6, lead + (width,))
+  for dtype, dx_tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)):
+    x_in = x.astype(dtype)
+    out, dx, dw = value_and_grads(rms_projection, x_in, w, g)
+    assert (out.dtype, dx.dtype, dw.dtype) == (jnp.float32, dtype, jnp.float32)
+    with jax.enable_x64(True):  # on the very values the function saw
+      to64 = lambda a: jnp.asarray(a, jnp.float64)
+      ref = value_and_grads(plain_rms_projection, to64(x_in), to64(w), to64(g))
+    assert rel_err(out, ref[0]) < 1e-5
+    assert rel_err(dx, ref[1]) < dx_tolerance  # bf16: the gradient is rounded to 8 bits
+    assert rel_err(dw, ref[2]) < 1e-5
+
+
+# ---- whole sites against float64 transcriptions of the formulas
+
+
+N, C = 4, 16
+
+
+def branch(x, w):
+  return jnp.tanh(x @ w)
+
+
+def random_mhc_params(cfg: MHCConfig, seed: int, dtype) -> dict:
+  width = 2 * cfg.num_streams + cfg.num_res_logits
+  return {"phi": random(seed, (N * C, width), dtype, 1 / np.sqrt(N * C)),
+          "alpha": jnp.asarray([0.7, -0.4, 0.9], dtype),
+          "bias": random(seed + 1, (width,), dtype)}
+
+
+def random_head_params(seed: int, dtype) -> dict:
+  return {"phi": random(seed, (N * C, N), dtype, 1 / np.sqrt(N * C)),
+          "alpha": jnp.asarray([0.8], dtype), "bias": random(seed + 1, (N,), dtype)}
+
+
+def mhc_site(cfg, params, x, w):
+  coefficients = cfg.coefficients(params, x)
+  return merge(x, branch(aggregate(x, coefficients.h_pre), w), coefficients)
+
+
+def mhc_site_reference(cfg, p, x, w):
+  n = cfg.num_streams
+  mixes = plain_rms_projection(x.reshape(*x.shape[:-2], -1), p["phi"], cfg.norm_eps)
+  h_pre = jax.nn.sigmoid(p["alpha"][0] * mixes[..., :n] + p["bias"][:n]) + cfg.pre_eps
+  h_post = 2 * jax.nn.sigmoid(p["alpha"][1] * mixes[..., n:2 * n] + p["bias"][n:2 * n])
+  logits = p["alpha"][2] * mixes[..., 2 * n:] + p["bias"][2 * n:]
+  h_res = sinkhorn_reference(logits.reshape(*logits.shape[:-1], n, n), cfg.sinkhorn_iters,
+                             cfg.sinkhorn_eps)
+  out = branch(jnp.einsum("...n,...nc->...c", h_pre, x), w)
+  return jnp.einsum("...kj,...jc->...kc", h_res, x) + h_post[..., None] * out[..., None, :]
+
+
+def head(cfg, params, x):
+  return aggregate(x, cfg.weights(params, x))
+
+
+def head_reference(cfg, p, x):
+  mixes = plain_rms_projection(x.reshape(*x.shape[:-2], -1), p["phi"], cfg.norm_eps)
+  weights = jax.nn.sigmoid(p["alpha"][0] * mixes + p["bias"]) + cfg.eps
+  return jnp.einsum("...n,...nc->...c", weights, x)
+
+
+def site_and_head_vjps(dtype):
+  """-> (library, reference): {name: (value, gradients)} of an mHC site and a head at `dtype`."""
+  mhc = MHCConfig(N, C, pre_eps=1e-3, sinkhorn_eps=1e-3, sinkhorn_iters=7,
+                  sinkhorn_backend="xla")
+  hc_head = HeadConfig(N, C, eps=1e-3)
+  x = random(10, (2, 3, N, C), dtype, scale=2.0)
+  site_args = (random_mhc_params(mhc, 11, dtype), x, random(13, (C, C), dtype, 1 / np.sqrt(C)))
+  head_args = (random_head_params(14, dtype), x)
+  cases = {"mhc site": (lambda *a: mhc_site(mhc, *a), lambda *a: mhc_site_reference(mhc, *a),
+                        site_args),
+           "head": (lambda *a: head(hc_head, *a), lambda *a: head_reference(hc_head, *a),
+                    head_args)}
+  library, reference = {}, {}
+  for name, (fn, ref_fn, args) in cases.items():
+    for results, f in ((library, fn), (reference, ref_fn)):
+      out, pullback = jax.vjp(f, *args)
+      results[name] = (out, pullback(random(15, out.shape, dtype)))
+  return library, reference
+
+
+def assert_close(got, want, tolerance):
+  for name, (out, grads) in got.items():
+    want_out, want_grads = want[name]
+    assert out.dtype == want_out.dtype and rel_err(out, want_out) < tolerance, name
+    for (path, g), ref in zip(jax.tree.leaves_with_path(grads), jax.tree.leaves(want_grads)):
+      assert rel_err(g, ref) < tolerance, (name, jax.tree_util.keystr(path))
+
+
+def test_mhc_site_and_head_float64_match_autodiff_of_plain_formula():
+  with jax.enable_x64(True):
+    library, reference = site_and_head_vjps(np.float64)
+  assert_close(library, reference, 1e-12)
+
+
+def test_mhc_site_and_head_float32_match_float64():
+  library, _ = site_and_head_vjps(np.float32)
+  with jax.enable_x64(True):
+    _, reference = site_and_head_vjps(np.float64)
+    reference = jax.tree.map(lambda a: a.astype(np.float32), reference)
+  assert_close(library, reference, 1e-5)
+
+
+# ---- what the coefficient path keeps for the backward
+
+
+def saved_bytes(f, *args) -> int:
+  residuals = jax.jit(lambda *a: jax.vjp(f, *a)[1])
+  return residuals.lower(*args).compile().memory_analysis().output_size_in_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_coefficients_keep_only_the_streams_for_the_backward(dtype):
+  # Enough tokens, wide enough, that phi and the per-token arrays (projection, rsqrt, Sinkhorn
+  # logits, ...) are small next to the streams: a second stream-sized residual cannot hide.
+  n, c = 4, 256
+  mhc, hc_head = MHCConfig(n, c, sinkhorn_backend="xla"), HeadConfig(n, c)
+  x = random(20, (512, n, c), dtype)
+  stream_bytes = x.size * x.dtype.itemsize
+  mhc_saved = saved_bytes(lambda x, p: mhc.coefficients(p, x), x,
+                          mhc.init_params(jax.random.key(0)))
+  head_saved = saved_bytes(lambda x, p: hc_head.weights(p, x), x,
+                           hc_head.init_params(jax.random.key(0)))
+  # Autodiff of the plain formula keeps three: x, its float32 flattened copy, d(x^2)/dx.
+  assert stream_bytes <= mhc_saved < 1.5 * stream_bytes
+  assert stream_bytes <= head_saved < 1.5 * stream_bytes
