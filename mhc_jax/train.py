@@ -27,10 +27,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mhc_jax.attention import check_platform
 from mhc_jax.data import Corpus, DataConfig
+from mhc_jax.flops import model_flops_per_token, peak_flops_per_device, throughput
 from mhc_jax.generate import sample_text
 from mhc_jax.metrics import MetricsWriter, ProgressBar
-from mhc_jax.model import ModelConfig
+from mhc_jax.model import DTYPES, ModelConfig
 from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
 from mhc_jax.trainer import LoopConfig, Trainer, nonfinite_kinds
@@ -97,6 +99,13 @@ def _check_checkpoint_fits(step_dir: pathlib.Path, abstract_state) -> None:
   wanted = {".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
                      for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  unrolled = [any(name.startswith("params.blocks.0.") for name in names)
+              for names in (stored, wanted)]
+  if unrolled[0] != unrolled[1]:
+    layout = {True: "unrolled", False: "scanned"}
+    raise ValueError(f"it holds {layout[unrolled[0]]} layers, this config has "
+                     f"{layout[unrolled[1]]} ones: set ModelConfig.scan_layers = "
+                     f"{not unrolled[0]} to resume it")
   for name in sorted(wanted, key=lambda name: not name.startswith("params.")):  # clearest first
     want, have = wanted[name], stored.get(name)
     if have is None or tuple(have.shape) != tuple(want.shape) or have.dtype != want.dtype:
@@ -145,10 +154,14 @@ def train(workdir: str,
   optimizer = optimizer or _CONFIGURED[OptimizerConfig]()
   mesh = mesh or _CONFIGURED[MeshConfig]()
   loop = loop or _CONFIGURED[LoopConfig]()
+  # Before anything is written or compiled: one line if the platform cannot run it.
+  check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
   workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   _check_workdir(workdir)
   corpus = Corpus(data)
   trainer = Trainer(model, optimizer, mesh, loop, data.batch_size, devices)
+  flops_per_token = model_flops_per_token(model, data.seq_len)
+  peak_flops = peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = corpus.train_iterator(**shard)
   manager = _checkpoint_manager(workdir, loop.keep_checkpoints)
@@ -174,7 +187,8 @@ def train(workdir: str,
   if lead:
     (workdir / "config.gin").write_text(gin.config_str())
     print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
-          f"{trainer.num_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
+          f"{trainer.num_params:,} parameters; {flops_per_token / 1e9:.3g} GFLOP/token; "
+          f"mesh {dict(trainer.mesh.shape)}; "
           + (f"resuming at step {start}" if start else "starting from scratch"), flush=True)
 
   writer = MetricsWriter(workdir, resume_step=start) if lead else None
@@ -209,6 +223,8 @@ def train(workdir: str,
         row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
         now = time.perf_counter()
         row["tokens_per_sec"] = tokens_per_step * (step - last_step) / (now - last_time)
+        row.update(throughput(flops_per_token, row["tokens_per_sec"], trainer.mesh.size,
+                              peak_flops))
         last_time, last_step = now, step
         if (step % loop.eval_every == 0 or step == loop.steps) and has_validation:
           row["eval_loss"] = trainer.evaluate(

@@ -16,8 +16,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax.diagnostics import gain_summary
-from mhc_jax.model import ModelConfig, Transformer, count_params
-from mhc_jax.optim import OptimizerConfig, learning_rate_schedule, make_optimizer
+from mhc_jax.model import ModelConfig, Transformer, count_params, per_layer
+from mhc_jax.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
 from mhc_jax.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
 from mhc_jax.site import SiteMixin
 
@@ -71,17 +71,10 @@ def _all_finite(tree) -> jax.Array:
 def _h_res_per_sublayer(model: Transformer, intermediates) -> jax.Array:
   """Sown coefficients -> `[2 * num_layers, batch, seq, n, n]` H_res, in depth order."""
   sown = nnx.to_pure_dict(intermediates)["blocks"]
-  batch_shape = None
-  stack = []
-  for layer in range(len(model.blocks)):
-    for site in ("attn_site", "mlp_site"):
-      h_res = sown[layer][site]["coefficients"][0].h_res
-      stack.append(h_res)
-      if h_res.ndim > 2:
-        batch_shape = h_res.shape[:-2]
-  if batch_shape is not None:  # static HC has one [n, n] per site; give it the tokens' shape
-    stack = [jnp.broadcast_to(h, (*batch_shape, *h.shape[-2:])) for h in stack]
-  return jnp.stack(stack)
+  attn, mlp = (per_layer(model, sown, site, "coefficients", 0).h_res
+               for site in ("attn_site", "mlp_site"))
+  h_res = jnp.stack([attn, mlp], axis=1)  # [L, 2, ..., n, n]: sub-layers in depth order
+  return h_res.reshape(-1, *h_res.shape[2:])
 
 
 class Trainer:
@@ -94,10 +87,10 @@ class Trainer:
                        f"{mesh.batch_shards}")
     self.mesh = make_mesh(mesh, devices)
     self.model_config, self.loop = model, loop
-    self.tx = make_optimizer(optimizer, loop.steps)
-    self.schedule = learning_rate_schedule(optimizer, loop.steps)
     abstract_model = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(loop.seed)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
+    self.tx = make_optimizer(optimizer, loop.steps, decay_mask(abstract_params))
+    self.schedule = learning_rate_schedule(optimizer, loop.steps)
     self.num_params = count_params(abstract_model)
     param_shardings = named(self.mesh, param_specs(abstract_params, self.mesh))
     replicated = NamedSharding(self.mesh, P())
@@ -170,8 +163,10 @@ class Trainer:
     grad_norm = optax.tree.norm(grads)
     bad = jnp.stack([~jnp.isfinite(loss), ~jnp.isfinite(grad_norm), ~_all_finite(params)])
     ok = ~jnp.any(bad)
-    params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
-                                     (params, opt_state), (state["params"], state["opt_state"]))
+    # One branch on the whole update, not a select per leaf: XLA would copy the computation
+    # of `ok` into every leaf's select, and the program would grow with leaves squared.
+    params, opt_state = jax.lax.cond(ok, lambda: (params, opt_state),
+                                     lambda: (state["params"], state["opt_state"]))
     step = state["step"] + 1
     guard = state["guard"]
     first = ~ok & (guard["first_step"] < 0)

@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from mhc_jax.model import RESIDUALS, ModelConfig
 from mhc_jax.optim import OptimizerConfig
 from mhc_jax.sharding import MeshConfig
 from mhc_jax.train import LoopConfig, NonFiniteError, train
+from mhc_jax.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -174,3 +176,20 @@ def test_nonfinite_updates_are_never_applied_or_saved(tmp_path, corpus, policy):
   history = train(str(tmp_path), **kwargs)
   assert [row["skipped_steps"] for row in history] == [1, 2, 3]
   assert np.isfinite(history[-1]["eval_loss"])
+
+
+def test_nonfinite_guard_compiles_in_linear_size():
+  """Every layer adds as many instructions to the compiled train step as the one before. A
+  guard that selects per leaf against one scalar grew quadratically (+27k, then +38k here):
+  XLA copied that scalar's computation, which reads every leaf, into every leaf's select."""
+  def instructions(num_layers: int) -> int:
+    # Unrolled, so that every layer adds its parameters and optimizer state as leaves.
+    model = tiny_model(residual="hc", num_layers=num_layers, scan_layers=False, remat="none")
+    trainer = Trainer(model, OptimizerConfig(), MeshConfig(), LoopConfig(steps=2), 2,
+                      devices=jax.devices()[:1])
+    hlo = trainer.lower_train_step(16, 2).compile().as_text()
+    return len(re.findall(r"^\s*(?:ROOT )?%?[\w.\-]+ = ", hlo, re.M))
+
+  counts = [instructions(num_layers) for num_layers in (1, 2, 3)]
+  second, third = counts[1] - counts[0], counts[2] - counts[1]
+  assert abs(third - second) <= 0.05 * second, counts
