@@ -12,6 +12,30 @@ picked. mHC rows compare the library's path (the RMS + projection step as
 An HC (dynamic) site is listed for information. Sizes are also given in stream arrays
 (`[batch, seq, n, C]` in the streams' dtype), the unit the residuals scale with.
 
+The baseline row is the same mHC site in MaxText's formulation
+(`ManifoldConstrainedHyperConnections`, src/MaxText/layers/mhc.py in AI-Hypercomputer/maxtext),
+written here from its description and fed our site's parameters (`maxtext_params`):
+
+  * the streams `[b, s, n, C]` are reshaped to `[b, s, nC]` and RMS-normalised with a learned
+    scale (here 1) into a materialised copy: the norm comes BEFORE the projections;
+  * three separate projections of that copy, each `alpha_scale * (x @ W) + beta`: pre
+    `[nC, n]` -> sigmoid, post `[nC, n]` -> 2 sigmoid, res `[nC, n*n]` -> Sinkhorn;
+  * the Sinkhorn is a column softmax, then 20 times a row then a column normalisation (sums
+    clipped at 1e-12) in a `jax.lax.fori_loop`, differentiated by autodiff;
+  * branch input `einsum("bskd,bsk->bsd")`, post `einsum("bsd,bsk->bskd")`, res
+    `einsum("bskd,bskm->bsmd")`, output res + post; everything in the streams' dtype (MaxText's
+    `config.dtype`), matmuls at `matmul_precision="highest"`.
+
+MaxText normalises a `residual_x` (for res) and a `layer_x` (for pre and post) separately; at
+one site both are the streams, so the copy is made once. MaxText's res matrix is applied
+transposed (`bskd,bskm->bsmd`), so its res columns and bias are ours transposed; its Sinkhorn
+on the transpose is then ours preceded by one extra row normalisation: the same fixed point,
+not the same 20th iterate (about 1e-4 apart on `H_res` at init). Before measuring, the script
+checks in float32, with both Sinkhorns run to convergence, that this site and the library's
+compute the same output to 1e-5, on the benchmark's parameters and on perturbed ones (alpha
+0.3, random biases: a non-symmetric res bias exercises the transposition); it prints the gap
+at 20 iterations too.
+
 For context, the last columns give the temporary bytes of the compiled forward+backward of
 `--layers` such sites under `jax.lax.scan` (as the model runs its blocks with `remat="none"`;
 the scan stacks every layer's residuals). Inside one program XLA fuses what it can, so this
@@ -20,6 +44,7 @@ is where a residual costs memory or not.
 
 import argparse
 import contextlib
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +54,8 @@ from mhc_jax import mappings
 from mhc_jax.streams import aggregate, merge
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+AUTODIFF = "autodiff of plain formula"
+MAXTEXT = "MaxText formulation (autodiff)"
 BRANCHES = {
     "linear [C, C]": lambda x, w: jnp.dot(x, w.astype(x.dtype)),
     "identity": lambda x, w: x,
@@ -41,6 +68,56 @@ def plain_rms_projection(x, w, eps):
   flat = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + eps)
   return jnp.dot(flat, w.reshape(flat.shape[-1], -1), precision=_HIGHEST) * inv_rms
+
+
+def maxtext_params(site_params, n: int) -> dict:
+  """Our `MHCConfig` parameters (phi `[nC, 2n+n²]`, alpha `[3]`, bias `[2n+n²]`) in MaxText's
+  layout. MaxText applies its res matrix `M` as `M^T @ X`, so `M = H_res^T`: its logit `(a, b)`
+  is our column `b*n + a`."""
+  phi, alpha, bias = site_params["phi"], site_params["alpha"], site_params["bias"]
+  transpose = lambda a: jnp.swapaxes(a.reshape(*a.shape[:-1], n, n), -1, -2).reshape(a.shape)
+  return {
+      "norm_scale": jnp.ones((phi.shape[0],), jnp.float32),
+      "pre_alpha": phi[:, :n], "pre_alpha_scale": alpha[0:1], "pre_beta": bias[:n],
+      "post_alpha": phi[:, n:2 * n], "post_alpha_scale": alpha[1:2], "post_beta": bias[n:2 * n],
+      "res_alpha": transpose(phi[:, 2 * n:]), "res_alpha_scale": alpha[2:3],
+      "res_beta": transpose(bias[2 * n:]).reshape(n, n),
+  }
+
+
+def maxtext_sinkhorn(logits, iters):
+  """Column softmax, then `iters` row-then-column normalisations in a `fori_loop` (float32)."""
+  def body(_, m):
+    m = m / jnp.clip(jnp.sum(m, axis=-1, keepdims=True), min=1e-12)
+    return m / jnp.clip(jnp.sum(m, axis=-2, keepdims=True), min=1e-12)
+  m = jax.nn.softmax(logits.astype(jnp.float32), axis=-2)
+  return jax.lax.fori_loop(0, iters, body, m).astype(logits.dtype)
+
+
+def maxtext_site(config, branch):
+  """-> f(streams, (maxtext_params(...), branch weight)) -> new streams; see the docstring."""
+  def f(streams, params):
+    p, branch_weight = params
+    b, s, n, c = streams.shape
+    dtype = streams.dtype
+    flat = streams.reshape(b, s, n * c).astype(jnp.float32)
+    normed = flat * jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) +
+                                  config.norm_eps)
+    normed = normed.astype(dtype) * p["norm_scale"].astype(dtype)
+
+    def projection(name):
+      h = jnp.einsum("bsm,mk->bsk", normed, p[f"{name}_alpha"].astype(dtype), precision=_HIGHEST)
+      return p[f"{name}_alpha_scale"].astype(dtype) * h
+
+    h_pre = jax.nn.sigmoid(projection("pre") + p["pre_beta"].astype(dtype))
+    layer_input = jnp.einsum("bskd,bsk->bsd", streams, h_pre, precision=_HIGHEST)
+    layer_out = branch(layer_input, branch_weight)
+    h_post = 2.0 * jax.nn.sigmoid(projection("post") + p["post_beta"].astype(dtype))
+    post_out = jnp.einsum("bsd,bsk->bskd", layer_out, h_post, precision=_HIGHEST)
+    res_logits = projection("res").reshape(b, s, n, n) + p["res_beta"].astype(dtype)
+    h_res = maxtext_sinkhorn(res_logits, config.sinkhorn_iters)
+    return jnp.einsum("bskd,bskm->bsmd", streams, h_res, precision=_HIGHEST) + post_out
+  return f
 
 
 @contextlib.contextmanager
@@ -62,6 +139,32 @@ def site(config, branch):
     branch_output = branch(aggregate(streams, coefficients.h_pre), branch_weight)
     return merge(streams, branch_output, coefficients)
   return f
+
+
+def output_gap(config, branch, streams, params, branch_weight) -> float:
+  """max |maxtext_site - site| on the same (library) parameters, in float32."""
+  streams = streams.astype(jnp.float32)
+  ours = jax.jit(site(config, branch))(streams, (params, branch_weight))
+  theirs = jax.jit(maxtext_site(config, branch))(
+      streams, (maxtext_params(params, config.num_streams), branch_weight))
+  return float(jnp.max(jnp.abs(theirs - ours)))
+
+
+def check_same_function(config, streams, params, branch_weight, iters=200, tol=1e-5) -> float:
+  """Raises unless `maxtext_site` and `site` agree to `tol` with both Sinkhorns run `iters`
+  times, on `params` and on a perturbed copy; -> the gap at `config.sinkhorn_iters`."""
+  noise = np.random.default_rng(1).normal(size=params["bias"].shape)
+  perturbed = dict(params, alpha=jnp.full((3,), 0.3, jnp.float32),
+                   bias=params["bias"] + jnp.asarray(0.5 * noise, jnp.float32))
+  converged = dataclasses.replace(config, sinkhorn_iters=iters)
+  for branch_name, branch in BRANCHES.items():
+    for label, checked in (("benchmark", params), ("perturbed", perturbed)):
+      gap = output_gap(converged, branch, streams, checked, branch_weight)
+      if not gap <= tol:
+        raise AssertionError(f"MaxText formulation differs from the library's site by "
+                             f"{gap:.1e} > {tol:.0e} ({branch_name}, {label} parameters)")
+  return max(output_gap(config, branch, streams, params, branch_weight)
+             for branch in BRANCHES.values())
 
 
 def saved_bytes(f, *args) -> int:
@@ -102,29 +205,38 @@ def main(argv=None) -> None:
   hc = mappings.HCConfig(args.n, args.dim)
   mhc_params = (mhc.init_params(key), branch_weight)
   hc_params = (hc.init_params(key), branch_weight)
+  maxtext_site_params = (maxtext_params(mhc_params[0], args.n), branch_weight)
+
+  gap = check_same_function(mhc, streams, mhc_params[0], branch_weight)
 
   print(f"Bytes one site keeps for its backward, streams [{', '.join(map(str, shape))}] "
         f"{args.dtype} (one stream array: {stream_bytes / 2**20:.2f} MiB), on "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()})")
-  print(f"| site | branch | path | saved MiB | stream arrays | vs autodiff | "
-        f"{args.layers}-layer scan fwd+bwd temp MiB | vs autodiff |")
-  print("|---|---|---|---|---|---|---|---|")
+  print(f"MaxText formulation = library site to 1e-5 (float32, both Sinkhorns converged; "
+        f"checked); at {mhc.sinkhorn_iters} Sinkhorn iterations max |diff| {gap:.1e}")
+  print(f"| site | branch | path | saved MiB | stream arrays | vs autodiff | vs MaxText "
+        f"formulation | {args.layers}-layer scan fwd+bwd temp MiB | vs autodiff | vs MaxText "
+        f"formulation |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for branch_name, branch in BRANCHES.items():
-    cases = [("mHC", "autodiff of plain formula", mhc, mhc_params, plain_autodiff()),
-             ("mHC", "custom VJP (library)", mhc, mhc_params, contextlib.nullcontext()),
-             ("HC dynamic", "library", hc, hc_params, contextlib.nullcontext())]
-    rows = []
-    for site_name, path, config, params, context in cases:
+    cases = [("mHC", MAXTEXT, maxtext_site(mhc, branch), maxtext_site_params,
+              contextlib.nullcontext()),
+             ("mHC", AUTODIFF, site(mhc, branch), mhc_params, plain_autodiff()),
+             ("mHC", "custom VJP (library)", site(mhc, branch), mhc_params,
+              contextlib.nullcontext()),
+             ("HC dynamic", "library", site(hc, branch), hc_params, contextlib.nullcontext())]
+    rows = {}
+    for site_name, path, f, params, context in cases:
       with context:
-        f = site(config, branch)
-        rows.append((site_name, path, saved_bytes(f, streams, params),
-                     scanned_step_temp_bytes(f, streams, params, args.layers)))
-    base_saved, base_temp = rows[0][2:]
-    for site_name, path, saved, temp in rows:
-      mhc_row = site_name == "mHC"
+        rows[path] = (site_name, saved_bytes(f, streams, params),
+                      scanned_step_temp_bytes(f, streams, params, args.layers))
+    for path, (site_name, saved, temp) in rows.items():
+      def ratios(i, value, mhc_row=site_name == "mHC"):
+        return " | ".join(f"{value / rows[base][i]:.3f}x" if mhc_row else "-"
+                          for base in (AUTODIFF, MAXTEXT))
       print(f"| {site_name} | {branch_name} | {path} | {saved / 2**20:.2f} | "
-            f"{saved / stream_bytes:.2f} | {f'{saved / base_saved:.3f}x' if mhc_row else '-'} | "
-            f"{temp / 2**20:.2f} | {f'{temp / base_temp:.3f}x' if mhc_row else '-'} |")
+            f"{saved / stream_bytes:.2f} | {ratios(1, saved)} | {temp / 2**20:.2f} | "
+            f"{ratios(2, temp)} |")
 
 
 if __name__ == "__main__":

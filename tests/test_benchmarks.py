@@ -6,6 +6,7 @@ import sys
 from kernels_pallas.sinkhorn import bench
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+import bench_site_memory  # noqa: E402
 import bench_train_step  # noqa: E402
 
 
@@ -23,3 +24,18 @@ def test_train_step_benchmark_table(capsys):
                          "--variants", "prenorm,mhc"])
   out = capsys.readouterr().out
   assert "| prenorm " in out and "| mhc " in out and "1.00x" in out
+
+
+def test_site_memory_benchmark_table(capsys):
+  bench_site_memory.main(["--batch", "2", "--seq", "8", "--n", "2", "--dim", "16",
+                          "--layers", "1"])
+  out = capsys.readouterr().out
+  assert "MaxText formulation = library site to 1e-5" in out
+  paths = (bench_site_memory.MAXTEXT, bench_site_memory.AUTODIFF, "custom VJP (library)")
+  for branch in bench_site_memory.BRANCHES:
+    rows = [next(line for line in out.splitlines() if line.startswith(f"| mHC | {branch} | {p} |"))
+            for p in paths]
+    assert f"| HC dynamic | {branch} | library |" in out
+    # Columns: ... | saved MiB | stream arrays | vs autodiff | vs MaxText formulation | ...
+    vs_maxtext = [float(row.split("|")[7].strip().rstrip("x")) for row in rows]
+    assert vs_maxtext[0] == 1.0 and vs_maxtext[2] < vs_maxtext[1] < 1.0

@@ -383,12 +383,6 @@ BAD_INPUTS = [
     Case("checkpoint_of_another_layer_layout", rf"checkpoint of step {STEPS} .* holds scanned "
          r"layers, this config has unrolled ones: set ModelConfig\.scan_layers = True",
          {"ModelConfig.scan_layers": False}),
-    Case("unknown_remat", "remat must be one of none, minimal, full; got 'some'",
-         {"ModelConfig.remat": "some"}),
-    Case("unknown_attention", "attention must be one of auto, xla, cudnn, splash; got 'flash'",
-         {"ModelConfig.attention": "flash"}),
-    Case("scan_layers_not_a_bool", "scan_layers must be True or False, got 'yes'",
-         {"ModelConfig.scan_layers": "yes"}),
     Case("attention_the_platform_cannot_run", "attention='cudnn' needs a GPU",
          {"ModelConfig.attention": "cudnn"}),
     Case("corrupted_checkpoint_array_file", DAMAGED, prepare=_corrupt_largest_array_file),

@@ -57,8 +57,9 @@ def test_loss_falls(tmp_path, corpus):
   assert history[-1]["eval_loss"] < 3.0  # uniform over 258 bytes would be 5.55
 
 
-def test_resume_is_bitwise_identical(tmp_path, corpus):
-  model = tiny_model(residual="mhc")
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_resume_is_bitwise_identical(tmp_path, corpus, scan_layers):
+  model = tiny_model(residual="mhc", scan_layers=scan_layers)
   straight = run(tmp_path / "straight", corpus, steps=6, model=model)
   first = run(tmp_path / "resumed", corpus, steps=6, model=model, stop_after_step=3)
   assert [row["step"] for row in first] == [1, 2, 3]
