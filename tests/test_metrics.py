@@ -1,50 +1,18 @@
-"""mhc_jax.metrics: the jsonl log (round trip, resume, torn lines), the hand-written
-TensorBoard files (CRC32C vectors, bytes written by TensorFlow and protobuf, round trip) and
-the progress bar's log-file output."""
+"""mhc_jax.metrics: the jsonl log (round trip, resume, torn lines), the TensorBoard files as
+TensorBoard's own reader sees them (values, steps, a resumed run's purge) and the progress bar
+in a log file and on a terminal."""
 
 import io
 import json
 import math
-import struct
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from mhc_jax import metrics
-
-
-def test_crc32c_matches_published_vectors():
-  assert metrics._crc32c(b"123456789") == 0xE3069283
-  # RFC 3720 section B.4.
-  assert metrics._crc32c(bytes(32)) == 0x8A9136AA
-  assert metrics._crc32c(b"\xff" * 32) == 0x62A8AB43
-  assert metrics._crc32c(bytes(range(32))) == 0x46DD794E
-  assert metrics._crc32c(bytes(range(31, -1, -1))) == 0x113FDB5C
-
-
-def test_version_record_matches_one_written_by_tensorflow():
-  # The file-version record of an event file from TensorBoard's gcs_file_loader_test.
-  written = (b'\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x7fK"\t\x00\x00\x00\'\xe6\xb3\xd5A'
-             b'\x1a\rbrain.Event:2jM\x0b\x15')
-  (wall_time,) = struct.unpack("<d", written[13:21])
-  assert metrics._record(metrics._version_event(wall_time)) == written
-
-
-def test_scalar_records_match_protobuf_encoding():
-  # An event file written through generated protobuf code (tensorboard_logger's
-  # test_serialization): wall time 256.5, v/1 = 1.5 at step 1, v/22 = 16.0 at step 2.
-  written = (
-      b'\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x7fK"\t\x00\x00\x00\x00\x00\x08p@'
-      b'\x1a\rbrain.Event:2\xbc\x98!+'
-      b'\x19\x00\x00\x00\x00\x00\x00\x00\x8b\xf1\x08(\t\x00\x00\x00\x00\x00\x08p@'
-      b'\x10\x01*\x0c\n\n\n\x03v/1\x15\x00\x00\xc0?,\xec\xc0\x87'
-      b'\x1a\x00\x00\x00\x00\x00\x00\x00\x12\x9b\xd8-\t\x00\x00\x00\x00\x00\x08p@'
-      b'\x10\x02*\r\n\x0b\n\x04v/22\x15\x00\x00\x80A\x8f\xa3\xb6\x88')
-  ours = (metrics._record(metrics._version_event(256.5))
-          + metrics._record(metrics._scalar_event(256.5, 1, {"v/1": 1.5}))
-          + metrics._record(metrics._scalar_event(256.5, 2, {"v/22": 16.0})))
-  assert ours == written
 
 
 def write_steps(workdir, steps, **kwargs):
@@ -103,44 +71,47 @@ def test_a_corrupt_line_before_the_last_is_an_error(tmp_path):
     metrics.read_metrics(tmp_path)
 
 
+def read_tensorboard(logdir):
+  """`{tag: [(step, value)]}` as TensorBoard shows it, restart markers applied."""
+  reader = event_accumulator.EventAccumulator(
+      str(logdir), size_guidance={event_accumulator.SCALARS: 0})  # 0: keep every event
+  reader.Reload()
+  return {tag: [(e.step, e.value) for e in reader.Scalars(tag)]
+          for tag in reader.Tags()["scalars"]}
+
+
 def test_tensorboard_file_holds_exactly_the_written_scalars(tmp_path):
   rng = np.random.default_rng(0)
   written = [(step, {"train/loss": float(rng.normal()), "lr": float(rng.uniform(0, 1e-3)),
-                     "tokens/s": 123456.789, "nan": math.nan})
+                     "tokens/s": 123456.789, "nan": math.nan, "huge": 1e300})
              for step in [0, 1, 5, 2**40]]
   with metrics.MetricsWriter(tmp_path) as writer:
     for step, scalars in written:
       writer.write(step, scalars)
   event_file, = (tmp_path / "tensorboard").iterdir()
   assert event_file.name.startswith("events.out.tfevents.")
-  expected = [(step, tag, float(np.float32(value)))
-              for step, scalars in written for tag, value in scalars.items()]
-  got = metrics.read_tensorboard_scalars(event_file)
-  assert len(got) == len(expected)
-  for (step, tag, value), want in zip(got, expected):
-    assert (step, tag) == want[:2]
-    assert value == want[2] or (math.isnan(value) and math.isnan(want[2]))
+  got = read_tensorboard(tmp_path / "tensorboard")
+  assert sorted(got) == ["huge", "lr", "nan", "tokens/s", "train/loss"]
+  for tag in got:
+    with np.errstate(over="ignore"):  # float32 values: beyond its range they become inf
+      want = [(step, float(np.float32(scalars[tag]))) for step, scalars in written]
+    assert [step for step, _ in got[tag]] == [step for step, _ in want]
+    for (_, value), (_, expected) in zip(got[tag], want):
+      assert value == expected or (math.isnan(value) and math.isnan(expected))
 
 
-def test_tensorboard_reader_checks_crcs(tmp_path):
-  write_steps(tmp_path, [1])
-  event_file, = (tmp_path / "tensorboard").iterdir()
-  data = bytearray(event_file.read_bytes())
-  data[-6] ^= 1  # inside the last record's float
-  event_file.write_bytes(bytes(data))
-  with pytest.raises(ValueError, match="bad or truncated record data"):
-    metrics.read_tensorboard_scalars(event_file)
-
-
-def test_tensorboard_restart_marker_hides_the_orphaned_steps(tmp_path):
-  write_steps(tmp_path, [1, 2, 3])
-  (event_file,) = (tmp_path / "tensorboard").iterdir()
-  event_file.rename(event_file.with_name("events.out.tfevents.0.old"))  # sorts first
-  write_steps(tmp_path, [3, 4], resume_step=2)
-  scalars = metrics.read_tensorboard_scalars(tmp_path / "tensorboard")
-  assert [(step, tag) for step, tag, _ in scalars] == [
-      (1, "loss"), (1, "lr"), (2, "loss"), (2, "lr"), (3, "loss"), (3, "lr"), (4, "loss"),
-      (4, "lr")]
+def test_tensorboard_resume_purges_the_orphaned_steps(tmp_path):
+  with metrics.MetricsWriter(tmp_path) as writer:
+    for step in [1, 2, 3]:
+      writer.write(step, {"loss": 10.0 + step})
+  with metrics.MetricsWriter(tmp_path, resume_step=2) as writer:  # checkpoint at 2
+    for step in [3, 4]:
+      writer.write(step, {"loss": 20.0 + step})
+  # The first run's file is kept (a restart within the same second must not truncate it).
+  assert len(list((tmp_path / "tensorboard").iterdir())) == 2
+  # Without the restart marker the reader would show step 3 twice.
+  assert read_tensorboard(tmp_path / "tensorboard") == {
+      "loss": [(1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]}
 
 
 class FakeClock:
@@ -192,23 +163,33 @@ def test_progress_bar_percentage_rounds_down():
   assert "[#####...............]  29% |" in stream.getvalue()
 
 
-def test_progress_bar_on_a_terminal_redraws_one_line():
+def test_progress_bar_on_a_terminal_redraws_one_line(monkeypatch):
 
   class Terminal(io.StringIO):
 
     def isatty(self):
       return True
 
+  # What rich reads to decide whether, and how wide, to draw.
+  for name in ["TTY_COMPATIBLE", "TTY_INTERACTIVE", "NO_COLOR", "FORCE_COLOR"]:
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("TERM", "xterm-256color")
+  monkeypatch.setenv("COLUMNS", "120")
   stream, clock = Terminal(), FakeClock()
   bar = metrics.ProgressBar(4000, stream=stream, clock=clock)
   bar.update(0, loss=12.5, grad_norm=0.25)
   clock.now += 1.0
-  bar.update(1, loss=1.0)
+  bar.update(1000, loss=1.0)
   bar.close()
-  first = "step 0/4000 [....................]   0% | loss 12.5 | grad_norm 0.25 | eta --"
-  second = "step 1/4000 [....................]   0% | loss 1 | eta 1h06m"
-  # Padded with spaces over the tail of the longer line it replaces.
-  assert stream.getvalue() == "\r" + first + "\r" + second.ljust(len(first)) + "\n"
+  out = stream.getvalue()
+  assert out.startswith("\x1b[?25l") and out.endswith("\n\x1b[?25h")  # cursor hidden, shown
+  frames = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out).strip().split("\r")  # no escapes
+  assert len(frames) == 3  # the first update, the second, and the final drawing on close
+  bar_chars = r" [━╸╺]{10,} "
+  assert re.fullmatch(r"step 0/4000" + bar_chars + r"  0% \| loss 12\.5 \| grad_norm 0\.25 "
+                      r"\| eta --", frames[0])
+  for frame in frames[1:]:
+    assert re.fullmatch(r"step 1000/4000" + bar_chars + r" 25% \| loss 1 \| eta 3s", frame)
 
 
 @pytest.mark.parametrize("value, text", [
