@@ -5,8 +5,10 @@
 
 Writes into WORKDIR: `checkpoints/` (orbax: params, optimizer state, step, grain iterator),
 `metrics.jsonl` and `tensorboard/` (see `metrics.py`), `config.gin` (the bindings in force),
-and once all `LoopConfig.steps` are done, `finished.json` (the last logged metrics).
-Started again on the same WORKDIR it resumes from the latest complete checkpoint.
+`schedule.json` (what defines the learning-rate schedule), and once all `LoopConfig.steps` are
+done, `finished.json` (the last logged metrics).
+Started again on the same WORKDIR it resumes from the latest complete checkpoint; once finished,
+it says so and does nothing.
 SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and exit 0.
 """
 
@@ -16,6 +18,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import threading
@@ -38,6 +41,8 @@ from mhc_jax.sharding import MeshConfig
 from mhc_jax.trainer import LoopConfig, Trainer, nonfinite_kinds
 
 FINISHED = "finished.json"
+SCHEDULE = "schedule.json"
+DEFAULT_GIN_FILE = "shakespeare_tiny.gin"
 GIN_CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin_configs"
 # gin-aware constructors: a binding like `ModelConfig.d_model = 64` takes effect through these
 # whether or not a config file also says `train.model = @ModelConfig()`.
@@ -154,9 +159,16 @@ def train(workdir: str,
   optimizer = optimizer or _CONFIGURED[OptimizerConfig]()
   mesh = mesh or _CONFIGURED[MeshConfig]()
   loop = loop or _CONFIGURED[LoopConfig]()
+  workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
+  lead = jax.process_index() == 0
+  done = _finished_step(workdir)
+  if done is not None and done >= loop.steps:  # more steps than that: the run continues
+    if lead:
+      print(f"mhc-train: {workdir} is finished ({done} steps); nothing to do",
+            file=sys.stderr, flush=True)
+    return []
   # Before anything is written or compiled: one line if the platform cannot run it.
   check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
-  workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   _check_workdir(workdir)
   corpus = Corpus(data)
   trainer = Trainer(model, optimizer, mesh, loop, data.batch_size, devices)
@@ -179,7 +191,8 @@ def train(workdir: str,
     state = restored.state
   else:
     state = trainer.init_state()
-  lead = jax.process_index() == 0
+  if lead:
+    _record_schedule(workdir, optimizer, loop, resuming=bool(start))
   has_validation = len(corpus.validation_batches(1, **shard)) > 0
   if lead and not has_validation:
     print("mhc-train: no validation data (too few or too short held-out documents): "
@@ -263,19 +276,79 @@ def train(workdir: str,
   return history
 
 
+def _finished_step(workdir: pathlib.Path) -> int | None:
+  """The step `finished.json` records, or None while the run has not finished."""
+  path = workdir / FINISHED
+  if not path.exists():
+    return None
+  try:
+    return int(json.loads(path.read_text())["step"])
+  except (ValueError, KeyError, TypeError) as err:
+    raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to resume "
+                     f"the run") from None
+
+
+def _record_schedule(workdir: pathlib.Path, optimizer: OptimizerConfig, loop: LoopConfig,
+                     resuming: bool) -> None:
+  """Warns when a resumed run's schedule differs from the previous start's, then records
+  this one. A JSON of its own, not `config.gin`: that file is rewritten at every start and
+  misses configs passed to `train` directly."""
+  now = {"LoopConfig.steps": loop.steps,
+         **{f"OptimizerConfig.{name}": getattr(optimizer, name)
+            for name in ("learning_rate", "warmup_steps", "schedule", "final_lr_ratio")}}
+  path = workdir / SCHEDULE
+  if resuming and path.exists():
+    before = json.loads(path.read_text())
+    changed = [f"{name} {before[name]!r} -> {value!r}" for name, value in now.items()
+               if name in before and before[name] != value]
+    if changed:
+      print(f"mhc-train: warning: the learning-rate schedule changes on resume "
+            f"({', '.join(changed)})", file=sys.stderr, flush=True)
+  # Whole or not at all: a half-written file would stop every later resume.
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(now))
+  tmp.replace(path)
+
+
+def _presets() -> str:
+  names = sorted(str(path.relative_to(GIN_CONFIG_DIR)) for path in GIN_CONFIG_DIR.rglob("*.gin"))
+  return "\n".join(f"  {name}" for name in names)
+
+
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="mhc-train", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="mhc-train", description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=f"presets in gin_configs/ (name them relative to it; residual/ ones add a variant "
+             f"to a run,\ncompare/ and sweeps/ ones configure experiments/compare_residuals.py "
+             f"and experiments/sweep.py):\n{_presets()}")
   parser.add_argument("--gin_file", action="append", default=[],
-                      help="gin config file (repeatable); looked up in gin_configs/ too")
+                      help="gin config file (repeatable); looked up in gin_configs/ too "
+                           f"(default: {DEFAULT_GIN_FILE})")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding, e.g. 'ModelConfig.residual = \"mhc\"' (repeatable)")
-  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--workdir", required=True,
+                      help="holds the run: checkpoints, metrics, config.gin, finished.json; "
+                           "re-running on it resumes from the latest checkpoint, and does "
+                           "nothing once the run has finished")
   return parser.parse_args(argv)
 
 
 def _one_line(err: BaseException) -> str:
   text = str(err).strip().splitlines()
   return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _quote_hint(err: BaseException, item: str) -> str | None:
+  """For gin's error on a bare word (`= mhc`), nearly always a string left unquoted: says so,
+  with the binding quoted where `item` is one."""
+  match = re.search(r"<ast\.Name object .*Failed to parse token '(\w+)'", str(err), re.S)
+  if not isinstance(err, SyntaxError) or match is None:
+    return None
+  word = match.group(1)
+  fixed, found = re.subn(rf"=\s*{word}\b", f'= "{word}"', item, count=1)
+  example = fixed if found else f'"{word}"'
+  return f"{word!r} is not a value gin can read; strings need quotes, e.g. {example}"
 
 
 def use_gin_config_dir() -> None:
@@ -308,6 +381,11 @@ def _hide_abandoned_restore_reads() -> None:
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   use_gin_config_dir()
+  # Without a file gin would leave the 6M-parameter ModelConfig defaults: far too slow for a
+  # first try on a CPU, and nothing the user chose.
+  default = not args.gin_file
+  if default:
+    args.gin_file = [DEFAULT_GIN_FILE]
   # One at a time, so the message names the file or binding at fault.
   for kind, items, parse in (("file", args.gin_file, gin.parse_config_file),
                              ("binding", args.gin_param, gin.parse_config)):
@@ -315,8 +393,12 @@ def main(argv=None) -> int:
       try:
         parse(item)
       except Exception as err:  # gin raises many types; every one means a bad config
-        print(f"mhc-train: bad gin {kind} {item!r}: {_one_line(err)}", file=sys.stderr)
+        why = _quote_hint(err, item) or _one_line(err)
+        print(f"mhc-train: bad gin {kind} {item!r}: {why}", file=sys.stderr)
         return 2
+  if default:  # after parsing, so a bad binding still reads as one line
+    print(f"mhc-train: no --gin_file given: using {DEFAULT_GIN_FILE}", file=sys.stderr,
+          flush=True)
   _hide_abandoned_restore_reads()
   try:
     train(args.workdir)
