@@ -218,7 +218,8 @@ class MHCConfig:
   `phi` is `[n*C, 2n + R]` with column blocks pre `[0:n]`, post `[n:2n]`, res `[2n:]`
   (`R = n²`, row-major `H_res` logits; or `R = n!` for mHC-lite's permutation mixture).
   `use_pre/use_post/use_res = False` is the paper's ablation: `1/n`, `1`, identity.
-  `sinkhorn_backend`: see `mhc_jax.sinkhorn_knopp` ("auto": Pallas on TPU/GPU, XLA on CPU).
+  `sinkhorn_backend`: see `mhc_jax.sinkhorn_knopp` ("auto": XLA on every platform until a
+  Pallas kernel is validated there; "pallas" opts in).
 
   Initialisation (the paper leaves it open), chosen so a fresh network is a pre-norm
   residual network plus a perturbation of order `alpha = 0.01`:

@@ -1,5 +1,8 @@
 """The checked public entry point for Sinkhorn-Knopp, and the choice of implementation."""
 
+import functools
+import warnings
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -25,11 +28,16 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0,
   recomputed from the saved logits. `-inf` logits are masked entries; every row and column
   must keep one finite entry.
 
-  `backend`: "xla", "pallas" (the TPU kernel on TPU, the GPU kernel on GPU, the TPU kernel in
-  interpret mode on CPU: slow, for testing), or "auto" (Pallas on TPU and GPU, XLA on CPU).
-  Under a mesh set with `jax.set_mesh`, the Pallas kernel runs per shard through
-  `jax.shard_map`, tokens split over every mesh axis (Pallas calls are not partitioned
-  automatically).
+  `backend`: "auto" (the XLA path on every platform: neither Pallas kernel has been
+  validated on a TPU or GPU yet; `python -m kernels_pallas.sinkhorn.bench --validate` does
+  that, and "auto" will pick Pallas on a platform once it passes there), "xla", or "pallas"
+  (opt-in: the Mosaic kernel on TPU, the Triton kernel on GPU, the TPU kernel in interpret
+  mode on CPU, which is slow, for testing, and warns once per process). "pallas" raises
+  if this JAX lacks the platform's Pallas backend (Triton's is deprecated from JAX 0.11 on).
+  Two inputs take the XLA path even with "pallas": float64 (the kernels are float32) and
+  n = 1 (nothing to normalise). Under a mesh set with `jax.set_mesh`, the Pallas kernel
+  runs per shard through `jax.shard_map`, tokens split over every mesh axis (Pallas calls
+  are not partitioned automatically).
   """
   if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
     raise ValueError(f"logits must be an array, got {type(logits).__name__}")
@@ -47,12 +55,20 @@ def sinkhorn_knopp(logits: jax.Array, num_iters: int = 20, *, eps: float = 0.0,
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
 
-  platform = _PALLAS_PLATFORMS.get(jax.default_backend())
-  if backend == "xla" or (backend == "auto" and platform is None):
+  if backend != "pallas":
     return sinkhorn_xla(logits, num_iters, float(eps))
+  platform = _PALLAS_PLATFORMS.get(jax.default_backend())
+  if platform is None:
+    _warn_interpreting()
   kernel = lambda x: sinkhorn_pallas(x, num_iters, float(eps), platform=platform or "tpu",
                                      interpret=platform is None)
   return _per_shard(kernel, logits)
+
+
+@functools.cache  # once per process, whatever the warnings filters say
+def _warn_interpreting() -> None:
+  warnings.warn("sinkhorn_knopp(backend='pallas') on CPU interprets the TPU kernel: slow, "
+                "for testing; backend='xla' is the fast path here", stacklevel=3)
 
 
 def _per_shard(kernel, logits: jax.Array) -> jax.Array:

@@ -5,6 +5,8 @@ canary test below), so "no NaN in the result" also means "every element was writ
 """
 
 import functools
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ from jax import export
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.sinkhorn import sinkhorn_reference, sinkhorn_xla
+from kernels_pallas.sinkhorn import bench, sinkhorn_reference, sinkhorn_xla
 from kernels_pallas.sinkhorn.pallas_common import sinkhorn_pallas
 
 PLATFORMS = ["tpu", "gpu"]
@@ -195,6 +197,7 @@ def test_kernels_lower_for_their_hardware(platform, target):
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from mhc_jax import sinkhorn_knopp  # noqa: E402
+from mhc_jax.sinkhorn import _warn_interpreting  # noqa: E402
 
 
 def loss_and_grad(fn, logits, cotangent):
@@ -233,3 +236,50 @@ def test_kernel_runs_per_shard_under_a_mesh(num_tokens, sharded):
   ref_value, ref_grad = loss_and_grad(lambda x: sinkhorn_knopp(x, backend="xla"),
                                       jnp.asarray(logits), cotangent)
   assert rel_err(value, ref_value) < TOL and rel_err(grad, ref_grad) < TOL
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "gpu", "cuda", "rocm"])
+def test_auto_picks_xla_on_every_platform(monkeypatch, platform):
+  # No kernel has been validated on hardware yet (`bench --validate`), so "auto" never
+  # runs one; a platform moves to Pallas only once its kernel passes there.
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  logits = jnp.zeros((8, 4, 4), jnp.float32)
+  assert "pallas_call" not in str(jax.make_jaxpr(lambda x: sinkhorn_knopp(x))(logits))
+
+
+def test_backend_pallas_on_cpu_warns_once_per_process():
+  _warn_interpreting.cache_clear()
+  logits = jnp.zeros((8, 4, 4), jnp.float32)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+      jax.make_jaxpr(lambda x: sinkhorn_knopp(x, backend="pallas"))(logits)
+  assert [str(w.message) for w in caught if "interprets" in str(w.message)] == [
+      "sinkhorn_knopp(backend='pallas') on CPU interprets the TPU kernel: slow, for testing; "
+      "backend='xla' is the fast path here"]
+
+
+def test_backend_pallas_without_jax_triton_raises_one_line_naming_jax(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  # what a JAX without the Triton backend looks like to `import`
+  monkeypatch.delattr(pl, "triton", raising=False)
+  monkeypatch.setitem(sys.modules, "jax.experimental.pallas.triton", None)
+  monkeypatch.delitem(sys.modules, "kernels_pallas.sinkhorn.gpu", raising=False)
+  with pytest.raises(ImportError) as raised:
+    sinkhorn_knopp(jnp.zeros((8, 4, 4), jnp.float32), backend="pallas")
+  message = str(raised.value)
+  assert "\n" not in message and f"JAX {jax.__version__}" in message and "Triton" in message
+
+
+@pytest.mark.parametrize("tol, passed", [(1e-4, True), (1e-12, False)])
+def test_validate_command_on_cpu_interprets_and_reports(capsys, tol, passed):
+  argv = ["--validate", "--tokens", "64", "--iters", "3", "--repeats", "1", "--tol", str(tol)]
+  if passed:
+    bench.main(argv)
+  else:
+    with pytest.raises(SystemExit) as exited:
+      bench.main(argv)
+    assert exited.value.code == 1
+  out = capsys.readouterr().out
+  assert "interpret mode on CPU" in out and "| Pallas (tpu) | 1e-06 |" in out
+  assert out.splitlines()[-1].startswith("PASS: " if passed else "FAIL: ")

@@ -2,6 +2,7 @@
 
     python -m kernels_pallas.sinkhorn.bench             # custom VJP vs autodiff: time, saved bytes
     python -m kernels_pallas.sinkhorn.bench --sweep     # 2^12..2^20 tokens: kernel vs XLA paths
+    python -m kernels_pallas.sinkhorn.bench --validate  # Pallas kernel vs XLA: errors, PASS/FAIL
 
 Default table: forward+backward of `sum(sinkhorn(logits) * cotangent)` at `--tokens`: median
 wall time, the bytes the forward keeps for the backward (the residuals `jax.vjp` returns, from
@@ -11,11 +12,18 @@ ratio to jax autodiff of the unrolled loop.
 Sweep: forward and forward+backward time of the Pallas kernel (on TPU/GPU), the XLA custom
 VJP and plain autodiff, with the achieved bandwidth against the minimum bytes the op must
 move (forward: read logits, write output; backward adds: read logits and cotangent, write
-the gradient). On CPU the kernels only run in interpret mode, so they are checked for
-correctness against the XLA path instead of timed.
+the gradient). On CPU the kernels only run in interpret mode; `--validate` checks them.
+
+Validate: the check a TPU/GPU must pass before `sinkhorn_knopp(backend="auto")` picks the
+Pallas kernel there. The platform's kernel against the XLA custom VJP at eps 0 and 1e-6:
+max abs error and max error relative to the largest entry, of the output and of the
+gradient, against `--tol`; then forward+backward time and bandwidth of both. Prints one
+PASS or FAIL line and exits 1 on FAIL. On CPU both kernels run in interpret mode at
+`--tokens` capped to 1024 (timings are then the interpreter's, not a kernel's).
 """
 
 import argparse
+import sys
 import time
 
 import jax
@@ -50,6 +58,12 @@ def fwd_bwd(sinkhorn, cotangent):
   return jax.jit(jax.grad(lambda x: jnp.sum(sinkhorn(x) * cotangent)))
 
 
+def gb_per_s(logits: jax.Array, seconds: float, backward: bool) -> float:
+  """Achieved bandwidth against the minimum bytes moved: the forward reads the logits and
+  writes the output; the backward reads the logits and cotangent and writes the gradient."""
+  return (5 if backward else 2) * logits.size * 4 / seconds / 1e9
+
+
 def memory_table(args) -> None:
   logits, cotangent = random_inputs(args.tokens, args.n)
   paths = {
@@ -77,18 +91,6 @@ def memory_table(args) -> None:
           f"{r['temp'] / 2**20:.2f} | {r['temp'] / base['temp']:.3f}x |")
 
 
-def check_kernels_in_interpret_mode(args) -> None:
-  logits, cotangent = random_inputs(1000, args.n, seed=1)
-  ref_out = sinkhorn_xla(logits, args.iters, 0.0)
-  ref_grad = fwd_bwd(lambda x: sinkhorn_xla(x, args.iters, 0.0), cotangent)(logits)
-  for platform in ("tpu", "gpu"):
-    kernel = lambda x, p=platform: sinkhorn_pallas(x, args.iters, platform=p, interpret=True)
-    out, grad = kernel(logits), fwd_bwd(kernel, cotangent)(logits)
-    err = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-    print(f"{platform} kernel, interpret mode, 1000 tokens: forward rel. error "
-          f"{err(out, ref_out):.1e}, gradient rel. error {err(grad, ref_grad):.1e} vs XLA")
-
-
 def sweep(args) -> None:
   platform = _PLATFORMS.get(jax.default_backend())
   paths = {"custom VJP (XLA)": lambda x: sinkhorn_xla(x, args.iters, 0.0),
@@ -103,30 +105,77 @@ def sweep(args) -> None:
   print("|---|---|---|---|---|---|---|")
   for log2 in range(args.min_log2, args.max_log2 + 1):
     logits, cotangent = random_inputs(2**log2, args.n)
-    matrix_bytes = logits.size * 4
     timings = {name: (median_seconds(jax.jit(fn), logits, repeats=args.repeats),
                       median_seconds(fwd_bwd(fn, cotangent), logits, repeats=args.repeats))
                for name, fn in paths.items()}
     xla_fwd_bwd = timings["custom VJP (XLA)"][1]
     for name, (fwd, both) in timings.items():
-      print(f"| 2^{log2} | {name} | {fwd * 1e3:.3f} | {2 * matrix_bytes / fwd / 1e9:.1f} | "
-            f"{both * 1e3:.3f} | {5 * matrix_bytes / both / 1e9:.1f} | "
+      print(f"| 2^{log2} | {name} | {fwd * 1e3:.3f} | {gb_per_s(logits, fwd, False):.1f} | "
+            f"{both * 1e3:.3f} | {gb_per_s(logits, both, True):.1f} | "
             f"{xla_fwd_bwd / both:.2f}x |")
-  if not platform:
-    check_kernels_in_interpret_mode(args)
+
+
+def max_errors(out: jax.Array, ref: jax.Array) -> tuple[float, float]:
+  """(max abs error, max abs error / max |ref|): entries near 0 make an elementwise
+  relative error meaningless."""
+  abs_err = float(jnp.max(jnp.abs(out - ref)))
+  return abs_err, abs_err / float(jnp.max(jnp.abs(ref)))
+
+
+def validate(args) -> None:
+  platform = _PLATFORMS.get(jax.default_backend())
+  # On CPU the kernels exist only as interpreted programs; both run, at few tokens.
+  kernels = [platform] if platform else ["tpu", "gpu"]
+  tokens = args.tokens if platform else min(args.tokens, 1024)
+  logits, cotangent = random_inputs(tokens, args.n, seed=1)
+  mode = ("compiled" if platform else
+          "interpret mode on CPU: timings are the interpreter's, not the kernel's")
+  print(f"Pallas Sinkhorn kernel vs XLA custom VJP, {tokens} tokens, n={args.n}, "
+        f"{args.iters} iterations, float32, on {jax.devices()[0].device_kind} "
+        f"({jax.default_backend()}), JAX {jax.__version__}, {mode}; median of {args.repeats}")
+  print("| path | eps | fwd max abs err | fwd max rel err | grad max abs err | grad max rel err "
+        "| fwd+bwd ms | fwd+bwd GB/s |")
+  print("|---|---|---|---|---|---|---|---|")
+  worst = 0.0
+  for eps in (0.0, 1e-6):
+    xla = lambda x, eps=eps: sinkhorn_xla(x, args.iters, eps)
+    ref_out, ref_grad = jax.jit(xla)(logits), fwd_bwd(xla, cotangent)(logits)
+    seconds = median_seconds(fwd_bwd(xla, cotangent), logits, repeats=args.repeats)
+    print(f"| XLA custom VJP | {eps:g} | | | | | {seconds * 1e3:.3f} | "
+          f"{gb_per_s(logits, seconds, True):.3g} |")
+    for kernel in kernels:
+      pallas = lambda x, eps=eps, kernel=kernel: sinkhorn_pallas(
+          x, args.iters, eps, platform=kernel, interpret=platform is None)
+      step = fwd_bwd(pallas, cotangent)
+      fwd_err, grad_err = max_errors(pallas(logits), ref_out), max_errors(step(logits), ref_grad)
+      worst = max(worst, fwd_err[1], grad_err[1])
+      seconds = median_seconds(step, logits, repeats=args.repeats)
+      print(f"| Pallas ({kernel}) | {eps:g} | {fwd_err[0]:.1e} | {fwd_err[1]:.1e} | "
+            f"{grad_err[0]:.1e} | {grad_err[1]:.1e} | {seconds * 1e3:.3f} | "
+            f"{gb_per_s(logits, seconds, True):.3g} |")
+  verdict = "PASS" if worst <= args.tol else "FAIL"
+  print(f"{verdict}: Pallas {'/'.join(kernels)} kernel max rel error {worst:.1e} "
+        f"(tolerance {args.tol:g}) on {jax.default_backend()}, JAX {jax.__version__}")
+  if verdict == "FAIL":
+    sys.exit(1)
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--sweep", action="store_true", help="token sweep, kernel vs XLA paths")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--sweep", action="store_true", help="token sweep, kernel vs XLA paths")
+  mode.add_argument("--validate", action="store_true",
+                    help="Pallas kernel vs XLA: errors, PASS/FAIL, time and bandwidth")
   parser.add_argument("--tokens", type=int, default=65536)
   parser.add_argument("--min_log2", type=int, default=12)
   parser.add_argument("--max_log2", type=int, default=20)
   parser.add_argument("--n", type=int, default=4)
   parser.add_argument("--iters", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--tol", type=float, default=1e-4,
+                      help="--validate: largest max rel error that passes")
   args = parser.parse_args(argv)
-  (sweep if args.sweep else memory_table)(args)
+  (sweep if args.sweep else validate if args.validate else memory_table)(args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ iterates on chip and reverses every normalisation exactly, like `xla._bwd`.
 """
 
 import functools
+import importlib
 import math
 from typing import Callable, NamedTuple
 
@@ -168,6 +169,9 @@ def _bwd(num_iters, eps, kernels, interpret, logits, g):
 _sinkhorn.defvjp(_fwd, _bwd)
 
 
+_BACKEND_NAMES = {"tpu": "TPU (Mosaic)", "gpu": "Triton"}  # the Pallas backend each needs
+
+
 def sinkhorn_pallas(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, *,
                     platform: str = "tpu", interpret=False) -> jax.Array:
   """`[..., n, n]` logits -> `[..., n, n]` float32, same semantics as `sinkhorn_xla`.
@@ -175,14 +179,20 @@ def sinkhorn_pallas(logits: jax.Array, num_iters: int = 20, eps: float = 0.0, *,
   Float32 math for float32/bfloat16/float16 input; the gradient has the input's dtype.
   `platform`: "tpu" (Mosaic) or "gpu" (Triton). `interpret`: passed to `pallas_call`
   (True, or a `pltpu.InterpretParams` for TPU semantics on CPU). `n = 1` (nothing to
-  normalise) and float64 (the kernels are float32) take the XLA path. Arguments are not
-  validated beyond `platform`: `mhc_jax.sinkhorn_knopp` is the checked entry point.
+  normalise) and float64 (the kernels are float32) take the XLA path. Raises `ImportError`
+  when this JAX lacks the platform's Pallas backend. Arguments are not validated beyond
+  `platform`: `mhc_jax.sinkhorn_knopp` is the checked entry point.
   """
-  # Imported here, not at the top: both platform modules import this one.
-  from kernels_pallas.sinkhorn import gpu, tpu
-  kernels = {"tpu": tpu.KERNELS, "gpu": gpu.KERNELS}.get(platform)
-  if kernels is None:
+  if platform not in _BACKEND_NAMES:
     raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
   if logits.shape[-1] == 1 or logits.dtype == jnp.float64:
     return sinkhorn_xla(logits, num_iters, eps)
-  return _sinkhorn(logits, int(num_iters), float(eps), kernels, interpret)
+  # Imported here, not at the top: both platform modules import this one. Only the one
+  # asked for, so a JAX without Triton (deprecated from 0.11 on) still runs the TPU kernel.
+  try:
+    module = importlib.import_module(f"kernels_pallas.sinkhorn.{platform}")
+  except ImportError as e:
+    raise ImportError(f"the Pallas Sinkhorn {platform} kernel needs JAX's Pallas "
+                      f"{_BACKEND_NAMES[platform]} backend, which JAX {jax.__version__} "
+                      f"lacks ({e}); use backend='xla'") from None
+  return _sinkhorn(logits, int(num_iters), float(eps), module.KERNELS, interpret)
