@@ -313,9 +313,8 @@ class Transformer(nnx.Module):
 
 def per_layer(model: Transformer, sown_blocks, *path):
   """The value sown at `blocks/<layer>/<path>` for every layer, each array stacked
-  `[num_layers, ...]`,
-  from `nnx.to_pure_dict(intermediates)["blocks"]`, for either layout (scanned blocks sow
-  it stacked already)."""
+  `[num_layers, ...]`, from `nnx.to_pure_dict(intermediates)["blocks"]`, for either layout
+  (scanned blocks sow it stacked already)."""
   def at(tree):
     for key in path:
       tree = tree[key]
