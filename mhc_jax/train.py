@@ -161,12 +161,6 @@ def train(workdir: str,
   loop = loop or _CONFIGURED[LoopConfig]()
   workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   lead = jax.process_index() == 0
-  done = _finished_step(workdir)
-  if done is not None and done >= loop.steps:  # more steps than that: the run continues
-    if lead:
-      print(f"mhc-train: {workdir} is finished ({done} steps); nothing to do",
-            file=sys.stderr, flush=True)
-    return []
   # Before anything is written or compiled: one line if the platform cannot run it.
   check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
   _check_workdir(workdir)
@@ -191,6 +185,16 @@ def train(workdir: str,
     state = restored.state
   else:
     state = trainer.init_state()
+  # Only now: a finished run whose config no longer fits its checkpoint, or whose checkpoint
+  # is damaged, must still say so rather than report success. Finished means the marker and
+  # a checkpoint of the last step: with that checkpoint removed, the run redoes the step.
+  done = _finished_step(workdir)
+  if done is not None and done >= loop.steps and start >= loop.steps:
+    manager.close()
+    if lead:
+      print(f"mhc-train: {workdir} is finished ({done} steps); nothing to do",
+            file=sys.stderr, flush=True)
+    return []
   if lead:
     _record_schedule(workdir, optimizer, loop, resuming=bool(start))
   has_validation = len(corpus.validation_batches(1, **shard)) > 0

@@ -14,8 +14,9 @@ def test_sinkhorn_benchmark_tables(capsys):
   bench.main(["--tokens", "256", "--repeats", "1"])
   bench.main(["--sweep", "--min_log2", "8", "--max_log2", "8", "--repeats", "1"])
   out = capsys.readouterr().out
+  # The kernels' interpret-mode check is `--validate`, tested in test_sinkhorn_pallas.py.
   assert "| custom VJP (XLA) |" in out and "| 2^8 | autodiff of loop |" in out
-  assert out.count("interpret mode, 1000 tokens") == 2
+  assert "| 2^8 | custom VJP (XLA) |" in out
 
 
 def test_train_step_benchmark_table(capsys):
