@@ -16,10 +16,11 @@ import time
 
 import jax
 
-from mhc_jax.model import RESIDUALS, ModelConfig
-from mhc_jax.optim import OptimizerConfig
-from mhc_jax.sharding import MeshConfig
-from mhc_jax.trainer import LoopConfig, Trainer
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.model import ModelConfig
+from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.lm.train_state import LoopConfig, Trainer
 
 LAYOUTS = {"scanned": True, "unrolled": False}
 

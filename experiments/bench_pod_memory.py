@@ -18,15 +18,14 @@ but keeps larger gradient shards.
 import argparse
 import math
 
-import gin
 import jax
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec
 
-from mhc_jax import train as train_lib
-from mhc_jax.model import Transformer
-from mhc_jax.sharding import MESH_AXES, MeshConfig, param_specs
-from mhc_jax.trainer import Trainer
+from mhc_jax.lm import presets
+from mhc_jax.lm.model import Transformer
+from mhc_jax.lm.sharding import MESH_AXES, MeshConfig, param_specs
+from mhc_jax.lm.train_state import Trainer
 
 
 def parse_args(argv):
@@ -52,11 +51,7 @@ def state_bytes_per_device(model_config, mesh_shape) -> int:
 def main(argv=None) -> None:
   args = parse_args(argv)
   jax.config.update("jax_num_cpu_devices", args.devices)  # before the backend starts
-  train_lib.use_gin_config_dir()
-  gin.parse_config_file(args.gin_file)
-  for binding in args.gin_param:
-    gin.parse_config(binding)
-  cfg = gin.get_bindings("train")
+  cfg, _ = presets.parse([args.gin_file], args.gin_param)
   model, data, pod = cfg["model"], cfg["data"], cfg["mesh"]
   per_device_batch = data.batch_size // pod.batch_shards
 

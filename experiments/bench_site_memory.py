@@ -1,6 +1,6 @@
 """Benchmark: the bytes one hyper-connection site keeps for its backward pass.
 
-    python experiments/bench_site_memory.py [--batch 16] [--seq 256] [--n 4] [--dim 256]
+    python -m experiments.bench_site_memory [--batch 16] [--seq 256] [--n 4] [--dim 256]
         [--dtype float32] [--layers 6]
 
 For one site `merge(X, F(aggregate(X, H_pre)), coefficients(X))` with a `[C, C]` linear

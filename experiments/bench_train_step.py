@@ -1,6 +1,6 @@
 """Benchmark: training step time and memory of the residual variants of one model.
 
-    python experiments/bench_train_step.py [--d_model 256] [--layers 6] [--seq 256]
+    python -m experiments.bench_train_step [--d_model 256] [--layers 6] [--seq 256]
         [--batch 16] [--steps 10] [--variants prenorm,hc,hc_static,mhc,mhc_sinkhorn1,mhc_lite]
         [--remat none,minimal,full]
 
@@ -17,21 +17,20 @@ import time
 import jax
 import numpy as np
 
-from mhc_jax.model import REMAT_POLICIES, ModelConfig
-from mhc_jax.optim import OptimizerConfig
-from mhc_jax.sharding import MeshConfig
-from mhc_jax.trainer import LoopConfig, Trainer
+from mhc_jax.lm.model import REMAT_POLICIES, ModelConfig
+from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.lm.train_state import LoopConfig, Trainer
 
 VOCAB = 258  # the byte-level vocabulary the LM trains with
 NUM_STREAMS = 4
-# Each row changes one thing, so the rows isolate what a cost comes from.
+# Every registered residual, then ablations that each change one thing, so the rows isolate
+# what a cost comes from.
 VARIANTS = {
-    "prenorm": dict(residual="prenorm"),
-    "hc": dict(residual="hc", num_streams=NUM_STREAMS),
+    **{name: dict(residual=name, num_streams=NUM_STREAMS) for name in RESIDUALS},
     "hc_static": dict(residual="hc", num_streams=NUM_STREAMS, hc_dynamic=False),
-    "mhc": dict(residual="mhc", num_streams=NUM_STREAMS, sinkhorn_iters=20),
     "mhc_sinkhorn1": dict(residual="mhc", num_streams=NUM_STREAMS, sinkhorn_iters=1),
-    "mhc_lite": dict(residual="mhc_lite", num_streams=NUM_STREAMS),
 }
 BASELINE = ("prenorm", "none")
 

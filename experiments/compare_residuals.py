@@ -1,11 +1,11 @@
 """Compare the residual variants of one model: train each over several seeds, then report.
 
-    python experiments/compare_residuals.py --preset cpu --out reports/cpu
+    python -m experiments.compare_residuals --preset cpu --out reports/cpu
         [--variants prenorm,mhc] [--seeds 0,1] [--gin_param 'LoopConfig.steps = 100']
 
 A preset is `gin_configs/compare/NAME.gin` (or the path of any gin file): the train configs as
 `mhc-train` takes them (`ModelConfig.*`, `DataConfig.*`, ...) plus `Comparison.*`, which says
-what to compare. Every (variant, seed) trains with `mhc_jax.train.train` in
+what to compare. Every (variant, seed) trains with `mhc_jax.lm.train.train` in
 `OUT/runs/<variant>_seed<k>/`, with `ModelConfig.residual` = the variant and, for the stream
 variants, `Comparison.num_streams` streams.
 
@@ -19,7 +19,7 @@ one resumes where it stopped. A workdir trained with other configs is an error, 
 
 Then each run's final parameters are restored and run on the first validation batches; every
 block's output gives the cosine similarity between layers (streams summed) and between streams.
-`report.py` writes `OUT/report.md`, `OUT/summary.json` and the plots.
+`experiments/report/` writes `OUT/report.md`, `OUT/summary.json` and the plots.
 """
 
 import argparse
@@ -31,39 +31,37 @@ import sys
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout: import the repo's packages
+from experiments import report
+from mhc_jax.lm import presets, train as train_lib
+from mhc_jax.lm.data import Corpus, DataConfig
+from mhc_jax.checks import check_int
+from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity
+from mhc_jax.lm.metrics import METRICS_FILE, read_metrics
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
+from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.streams import reduce_streams
+from mhc_jax.lm.train_state import LoopConfig, Trainer
 
-from experiments import report  # noqa: E402
-from mhc_jax import train as train_lib  # noqa: E402
-from mhc_jax.data import Corpus, DataConfig  # noqa: E402
-from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity  # noqa: E402
-from mhc_jax.metrics import METRICS_FILE, read_metrics  # noqa: E402
-from mhc_jax.model import RESIDUALS, ModelConfig, Transformer, per_layer  # noqa: E402
-from mhc_jax.optim import OptimizerConfig  # noqa: E402
-from mhc_jax.sharding import MeshConfig  # noqa: E402
-from mhc_jax.streams import reduce_streams  # noqa: E402
-from mhc_jax.trainer import LoopConfig, Trainer  # noqa: E402
-
-PRESET_DIR = train_lib.GIN_CONFIG_DIR / "compare"
+PRESET_DIR = presets.PRESET_DIR / "compare"
 RUN_CONFIG = "run.json"  # the configs a workdir was trained with
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-  """variants: residuals from `model.RESIDUALS`. seeds: one run per variant and seed.
+  """variants: names in `residuals.RESIDUALS`. seeds: one run per variant and seed.
   num_streams: n of the stream variants. gain_points: about how many steps log the H_res gains
   (`LoopConfig.diagnostics_every` = steps // gain_points). analysis_batches: validation batches
   the cosine similarities average over."""
 
-  variants: tuple[str, ...] = RESIDUALS
+  variants: tuple[str, ...] = tuple(RESIDUALS)
   seeds: tuple[int, ...] = (0, 1)
   num_streams: int = 4
   gain_points: int = 30
@@ -80,9 +78,7 @@ class Comparison:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds must be distinct and at least one; got {list(self.seeds)}")
     for name in ("num_streams", "gain_points", "analysis_batches"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+      check_int(name, getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,21 +105,11 @@ def preset_path(preset: str) -> pathlib.Path:
 
 def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Settings:
   """Parses the preset, then `gin_params`; `variants` / `seeds` replace the preset's."""
-  train_lib.use_gin_config_dir()
-  gin.clear_config()
-  try:
-    gin.parse_config_file(str(preset_path(preset)))
-    for binding in gin_params:
-      gin.parse_config(binding)
-    comparison = Comparison()
-    configs = gin.get_bindings("train")  # evaluates the @ModelConfig() etc. references
-  finally:
-    gin.clear_config()  # train() records gin's state; the runs' configs go to run.json instead
+  configs, _ = presets.parse([str(preset_path(preset))], gin_params,
+                             extra={"comparison": Comparison})
+  comparison = configs.pop("comparison")
   overrides = {k: v for k, v in (("variants", variants), ("seeds", seeds)) if v is not None}
-  return Settings(dataclasses.replace(comparison, **overrides),
-                  configs.get("model", ModelConfig()), configs.get("data", DataConfig()),
-                  configs.get("optimizer", OptimizerConfig()), configs.get("mesh", MeshConfig()),
-                  configs.get("loop", LoopConfig()))
+  return Settings(dataclasses.replace(comparison, **overrides), **configs)
 
 
 def diagnostics_every(steps: int, points: int) -> int:
@@ -144,7 +130,7 @@ def run_configs(settings: Settings, variant: str, seed: int) -> dict:
       "optimizer": settings.optimizer,
       "mesh": settings.mesh,
       "loop": dataclasses.replace(
-          loop, seed=seed,
+          loop, seed=seed, sample_tokens=0,
           diagnostics_every=diagnostics_every(loop.steps, settings.comparison.gain_points)),
   }
 
@@ -213,7 +199,7 @@ def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool = True
             + ("finished, reused" if finished else "training"), flush=True)
     if not finished:
       train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
-                      progress=progress, sample_tokens=0)
+                      progress=progress)
 
 
 def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:

@@ -10,9 +10,9 @@ A sweep spec is a gin file binding `Sweep`:
 Every grid point (and every listed run) trains in `OUT/<name>/`, its name made from its
 bindings; runs holding `finished.json` are skipped, unfinished ones resume.
 
-    python experiments/sweep.py SPEC --out DIR                     # local, run after run
-    python experiments/sweep.py SPEC --out DIR --multihost         # on every host of a pod
-    python experiments/sweep.py SPEC --out /mnt/shared/sweep --tpu NAME --zone Z [--execute]
+    python -m experiments.sweep SPEC --out DIR                     # local, run after run
+    python -m experiments.sweep SPEC --out DIR --multihost         # on every host of a pod
+    python -m experiments.sweep SPEC --out /mnt/shared/sweep --tpu NAME --zone Z [--execute]
 
 `--multihost` makes every process call `jax.distributed.initialize` (auto-detected on TPU
 pods; `--coordinator host:port --num_processes N --process_id I` elsewhere) and then train
@@ -33,10 +33,9 @@ import sys
 
 import gin
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from a checkout: import the repo's packages
+from mhc_jax.lm import presets, train as train_lib
 
-from mhc_jax import train as train_lib  # noqa: E402
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @gin.configurable
@@ -83,15 +82,11 @@ def expand(sweep: Sweep) -> list[Run]:
 
 
 def load_spec(path: str) -> Sweep:
-  train_lib.use_gin_config_dir()
-  gin.parse_config_file(path)
-  sweep = Sweep()
-  gin.clear_config()
-  return sweep
+  return presets.parse([path], extra={"sweep": Sweep})[0]["sweep"]
 
 
 def train_command(run: Run, workdir: pathlib.Path) -> list[str]:
-  args = [sys.executable, "-m", "mhc_jax.train", "--workdir", str(workdir)]
+  args = [sys.executable, "-m", "mhc_jax.lm.cli", "--workdir", str(workdir)]
   for f in run.gin_files:
     args += ["--gin_file", f]
   for b in run.bindings:
@@ -130,17 +125,13 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
       continue
     if lead:
       print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
-    gin.clear_config()
-    for f in run.gin_files:
-      gin.parse_config_file(f)
-    for b in run.bindings:
-      gin.parse_config(b)
-    train_lib.train(str(workdir), progress=lead)
+    configs, bindings = presets.parse(run.gin_files, run.bindings)
+    train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
 
 
 def tpu_command(args) -> list[str]:
   remote = " ".join(shlex.quote(a) for a in [
-      "python3", "experiments/sweep.py", args.spec, "--out", args.out, "--multihost"])
+      "python3", "-m", "experiments.sweep", args.spec, "--out", args.out, "--multihost"])
   return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, f"--zone={args.zone}",
           *([f"--project={args.project}"] if args.project else []), "--worker=all",
           f"--command=cd {shlex.quote(args.repo_on_tpu)} && {remote}"]
@@ -163,7 +154,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     runs = expand(load_spec(args.spec))
-  except Exception as err:  # gin raises many types; every one means a bad spec
+  except ValueError as err:  # presets.GinError, or a grid that expands to nothing usable
     print(f"sweep: bad spec {args.spec}: {str(err).strip().splitlines()[0]}", file=sys.stderr)
     return 2
   out = pathlib.Path(args.out)

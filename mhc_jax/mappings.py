@@ -17,17 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mhc_jax.checks import check_int
 from mhc_jax.sinkhorn import BACKENDS, sinkhorn_knopp
 from mhc_jax.streams import Coefficients
 
 Params = dict[str, jax.Array]
 _HIGHEST = jax.lax.Precision.HIGHEST
 MAX_PERMUTATION_STREAMS = 6  # 6! = 720 permutation matrices; 7! = 5040 is past any use
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -159,9 +155,9 @@ class HCConfig:
   scale_init: float = 0.01
 
   def __post_init__(self):
-    _check_int("num_streams", self.num_streams, 1)
-    _check_int("dim", self.dim, 1)
-    _check_int("layer_index", self.layer_index, 0)
+    check_int("num_streams", self.num_streams, 1)
+    check_int("dim", self.dim, 1)
+    check_int("layer_index", self.layer_index, 0)
     _check_nonnegative("norm_eps", self.norm_eps)
 
   def init_params(self, key: jax.Array) -> Params:
@@ -251,10 +247,10 @@ class MHCConfig:
   res_init_identity: float = 0.95
 
   def __post_init__(self):
-    _check_int("num_streams", self.num_streams, 1)
-    _check_int("dim", self.dim, 1)
-    _check_int("layer_index", self.layer_index, 0)
-    _check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
+    check_int("num_streams", self.num_streams, 1)
+    check_int("dim", self.dim, 1)
+    check_int("layer_index", self.layer_index, 0)
+    check_int("sinkhorn_iters", self.sinkhorn_iters, 1)
     for name in ("sinkhorn_eps", "pre_eps", "norm_eps"):
       _check_nonnegative(name, getattr(self, name))
     if self.sinkhorn_backend not in BACKENDS:
@@ -343,8 +339,8 @@ class HeadConfig:
   alpha_init: float = 0.01
 
   def __post_init__(self):
-    _check_int("num_streams", self.num_streams, 1)
-    _check_int("dim", self.dim, 1)
+    check_int("num_streams", self.num_streams, 1)
+    check_int("dim", self.dim, 1)
     _check_nonnegative("eps", self.eps)
     _check_nonnegative("norm_eps", self.norm_eps)
 

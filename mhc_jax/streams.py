@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mhc_jax.checks import check_int
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -37,8 +39,7 @@ class Coefficients(NamedTuple):
 
 def expand_streams(x: jax.Array, num_streams: int) -> jax.Array:
   """`[..., dim]` -> `[..., num_streams, dim]`: the input copied into every stream."""
-  if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
-    raise ValueError(f"num_streams must be an int >= 1, got {num_streams!r}")
+  check_int("num_streams", num_streams)
   return jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], num_streams, x.shape[-1]))
 
 

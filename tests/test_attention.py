@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mhc_jax import attention
-from mhc_jax.attention import causal_attention, default_attention
+from mhc_jax.lm import attention
+from mhc_jax.lm.attention import causal_attention, default_attention
 
 F32_TOL = 1e-5  # relative (norm) error of a float32 computation against float64
 BF16_TOL = 1e-2  # bfloat16 keeps 8 mantissa bits: relative rounding 2^-9 per element

@@ -1,13 +1,7 @@
 """The benchmark scripts run (tiny sizes): they must not rot between measurements."""
 
-import pathlib
-import sys
-
+from experiments import bench_site_memory, bench_train_step
 from kernels_pallas.sinkhorn import bench
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
-import bench_site_memory  # noqa: E402
-import bench_train_step  # noqa: E402
 
 
 def test_sinkhorn_benchmark_tables(capsys):

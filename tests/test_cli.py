@@ -1,5 +1,6 @@
-"""mhc-train's command line says what it does: finished runs, unquoted strings, the default
-preset, schedule changes on resume, the presets in --help."""
+"""mhc-train's command line says what it does: it trains and writes its workdir, finished runs,
+bad configs and unquoted strings in one line, the default preset, schedule changes on resume,
+the presets in --help."""
 
 import os
 import pathlib
@@ -7,11 +8,10 @@ import shutil
 import subprocess
 import sys
 
-import gin
 import pytest
 
-from mhc_jax import train as train_lib
-from mhc_jax.metrics import read_metrics
+from mhc_jax.lm import cli as cli_lib, train as train_lib
+from mhc_jax.lm.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -20,12 +20,12 @@ TINY = {
     "ModelConfig.mlp_dim": 64, "DataConfig.seq_len": 32, "DataConfig.batch_size": 8,
     "OptimizerConfig.learning_rate": 3e-3, "OptimizerConfig.warmup_steps": 1,
     "LoopConfig.steps": STEPS, "LoopConfig.eval_every": 1000, "LoopConfig.log_every": 1,
-    "LoopConfig.checkpoint_every": 1000, "train.sample_tokens": 4, "train.progress": False,
+    "LoopConfig.checkpoint_every": 1000, "LoopConfig.sample_tokens": 4,
 }
 
 
 def cli(workdir, corpus, bindings=None) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "mhc_jax.train", "--gin_file", "base.gin"]
+  command = [sys.executable, "-m", "mhc_jax.lm.cli", "--no_progress", "--gin_file", "base.gin"]
   for name, value in {**TINY, "DataConfig.source": corpus, **(bindings or {})}.items():
     command += ["--gin_param", f"{name} = {value!r}"]
   return subprocess.run(command + ["--workdir", str(workdir)], cwd=REPO, capture_output=True,
@@ -77,7 +77,7 @@ def test_resuming_with_another_schedule_warns(finished, corpus, tmp_path):
 
 
 def test_unquoted_string_gets_a_hint_and_exit_code_2(tmp_path):
-  command = [sys.executable, "-m", "mhc_jax.train", "--gin_param", "ModelConfig.residual = mhc",
+  command = [sys.executable, "-m", "mhc_jax.lm.cli", "--gin_param", "ModelConfig.residual = mhc",
              "--workdir", str(tmp_path)]
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
@@ -87,31 +87,56 @@ def test_unquoted_string_gets_a_hint_and_exit_code_2(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-  """`main` called here: its hooks and gin bindings are undone afterwards."""
-  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+def test_without_gin_file_the_tiny_preset_runs_and_is_named(monkeypatch, capsys):
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main's hooks are undone afterwards
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
-  yield
-  gin.clear_config()
-
-
-def test_without_gin_file_the_tiny_preset_runs_and_is_named(in_process, monkeypatch, capsys):
   ran = []
-  def train(workdir):
-    ran.append((workdir, gin.query_parameter("LoopConfig.steps")))
+  def train(workdir, loop, record, **configs):
+    ran.append((workdir, loop.steps, "LoopConfig.steps = 600" in record))
 
   monkeypatch.setattr(train_lib, "train", train)
-  assert train_lib.main(["--workdir", "somewhere"]) == 0
-  assert ran == [("somewhere", 600)]  # shakespeare_tiny.gin's steps, not LoopConfig's default
+  assert cli_lib.main(["--workdir", "somewhere"]) == 0
+  assert ran == [("somewhere", 600, True)]  # shakespeare_tiny.gin's steps, not the default
   assert capsys.readouterr().err == "mhc-train: no --gin_file given: using shakespeare_tiny.gin\n"
 
 
 def test_help_describes_the_workdir_and_lists_every_preset(capsys):
   with pytest.raises(SystemExit) as exit_:
-    train_lib.parse_args(["--help"])
+    cli_lib.parse_args(["--help"])
   assert exit_.value.code == 0
   text = " ".join(capsys.readouterr().out.split())
   assert "re-running on it resumes" in text
   for preset in ("shakespeare_tiny.gin", "residual/mhc.gin", "compare/cpu.gin", "base.gin"):
     assert f" {preset} " in f"{text} "
+
+
+def run_cli(*args, cwd=REPO):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "mhc_jax.lm.cli", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_and_writes_its_workdir(tmp_path, corpus):
+  proc = run_cli("--gin_file", "shakespeare_tiny.gin", "--gin_param", f"DataConfig.source = '{corpus}'",
+             "--gin_param", "LoopConfig.steps = 4", "--gin_param", "LoopConfig.eval_every = 2",
+             "--gin_param", "DataConfig.seq_len = 32", "--gin_param", "LoopConfig.sample_tokens = 5",
+             "--workdir", "relative/workdir", cwd=tmp_path)  # from outside the repo
+  tmp_path = tmp_path / "relative/workdir"
+  assert proc.returncode == 0, proc.stderr
+  assert "parameters" in proc.stdout and "sample after 4 steps" in proc.stdout
+  assert [row["step"] for row in read_metrics(tmp_path)] == [2, 4]
+  assert "LoopConfig.steps = 4" in (tmp_path / "config.gin").read_text()
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("args, culprit", [
+    (["--gin_param", "NoSuchThing.value = 3"], "NoSuchThing"),
+    (["--gin_param", "ModelConfig.no_such_field = 3"], "no_such_field"),
+    (["--gin_param", "ModelConfig.d_model = (("], "ModelConfig.d_model"),
+    (["--gin_file", "no_such_file.gin"], "no_such_file.gin"),
+])
+def test_cli_bad_config_is_one_line_and_exit_code_2(tmp_path, args, culprit):
+  proc = run_cli(*args, "--workdir", str(tmp_path))
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and culprit in lines[0], proc.stderr

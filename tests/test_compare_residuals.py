@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 
-from mhc_jax.metrics import read_metrics
+from mhc_jax.lm.metrics import read_metrics
+
+from experiments import compare_residuals, report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # experiments/ is not an installed package
-from experiments import compare_residuals, report  # noqa: E402
 
 WORDS = "thou art my lord and I thy humble servant for the king doth love".split()
 VARIANTS, SEEDS = ("prenorm", "mhc"), (0, 1)
@@ -63,7 +63,7 @@ def compare(preset: str, out: pathlib.Path) -> subprocess.CompletedProcess:
   # The script caches compiled programs; here even the quick ones, so the second seed and the
   # second invocation compile nothing.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  proc = subprocess.run([sys.executable, "experiments/compare_residuals.py", "--preset", preset,
+  proc = subprocess.run([sys.executable, "-m", "experiments.compare_residuals", "--preset", preset,
                          "--out", str(out), "--no_progress"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

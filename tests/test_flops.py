@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mhc_jax.data import DataConfig
-from mhc_jax.flops import model_flops_per_token, peak_flops_per_device, throughput
-from mhc_jax.metrics import read_metrics
-from mhc_jax.model import ModelConfig, Transformer
-from mhc_jax.sharding import MeshConfig
-from mhc_jax.train import LoopConfig, train
+from mhc_jax.lm.data import DataConfig
+from mhc_jax.lm.flops import model_flops_per_token, peak_flops_per_device, throughput
+from mhc_jax.lm.metrics import read_metrics
+from mhc_jax.lm.model import ModelConfig, Transformer
+from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.lm.train import LoopConfig, train
 
 BATCH, SEQ = 2, 64
 # Wide enough that matmuls dominate. Unrolled layers: XLA counts a while loop's body once.
@@ -88,8 +88,8 @@ def test_logged_rows_carry_throughput_per_device(tmp_path, corpus, capsys):
   data = DataConfig(source=corpus, seq_len=32, batch_size=8)
   train(str(tmp_path), model=model, data=data, mesh=MeshConfig(data=2),
         loop=LoopConfig(steps=3, eval_every=3, eval_batches=1, checkpoint_every=1000,
-                        log_every=1),
-        devices=jax.devices()[:2], progress=False, sample_tokens=0)
+                        log_every=1, sample_tokens=0),
+        devices=jax.devices()[:2], progress=False)
   flops_per_token = model_flops_per_token(model, data.seq_len)
   assert f"{flops_per_token / 1e9:.3g} GFLOP/token" in capsys.readouterr().out
   rows = read_metrics(tmp_path)

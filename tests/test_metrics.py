@@ -1,4 +1,4 @@
-"""mhc_jax.metrics: the jsonl log (round trip, resume, torn lines), the TensorBoard files as
+"""mhc_jax.lm.metrics: the jsonl log (round trip, resume, torn lines), the TensorBoard files as
 TensorBoard's own reader sees them (values, steps, a resumed run's purge) and the progress bar
 in a log file and on a terminal."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from mhc_jax import metrics
+from mhc_jax.lm import metrics
 
 
 def write_steps(workdir, steps, **kwargs):

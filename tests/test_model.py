@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhc_jax.model import RESIDUALS, ModelConfig, Transformer
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.model import ModelConfig, Transformer
 from mhc_jax.site import SiteMixin
-from mhc_jax.trainer import _h_res_per_sublayer, cross_entropy
+from mhc_jax.lm.train_state import _h_res_per_sublayer, cross_entropy
 
 VOCAB = 258
 

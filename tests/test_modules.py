@@ -1,6 +1,7 @@
 """HC / mHC / mHC-lite modules (NNX and Linen) against float64 transcriptions of the papers."""
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,10 @@ from flax import nnx
 
 import mhc_jax
 from kernels_pallas.sinkhorn import sinkhorn_reference
-from mhc_jax import HCConfig, HeadConfig, MHCConfig
+from mhc_jax import HCConfig, MHCConfig
+from mhc_jax.diagnostics import gain_summary
+from mhc_jax.mappings import rms_normalise
+from mhc_jax.streams import expand_streams, reduce_streams
 
 N, C = 4, 8
 
@@ -292,3 +296,74 @@ def test_expand_and_reduce_streams():
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+# 64 sub-layers in bfloat16 with large activations.
+
+NUM_STREAMS, DIM, DEPTH = 4, 16, 64
+BATCH, SEQ = 2, 8
+DEEP_VARIANTS = {
+    "hc": lambda: mhc_jax.HyperConnection(NUM_STREAMS, DIM, dynamic=True, sow_coefficients=True),
+    "hc_static": lambda: mhc_jax.HyperConnection(NUM_STREAMS, DIM, dynamic=False,
+                                                 sow_coefficients=True),
+    "mhc": lambda: mhc_jax.ManifoldHyperConnection(NUM_STREAMS, DIM, rngs=nnx.Rngs(0),
+                                                   sow_coefficients=True),
+    "mhc_lite": lambda: mhc_jax.ManifoldHyperConnection(NUM_STREAMS, DIM, rngs=nnx.Rngs(0),
+                                                        res_mapping="permutations",
+                                                        sow_coefficients=True),
+}
+
+
+def deep_stack(variant: str, scale: float):
+  """64 sites of `variant` in a scan, each with a bfloat16 branch whose output is of size
+  `scale`, fed streams of size `scale`: -> (loss, its gradients, H_res [64, B, L, n, n],
+  output streams reduced)."""
+  site = DEEP_VARIANTS[variant]()
+  graphdef, params = nnx.split(site)
+  params = nnx.to_pure_dict(params)
+  key = jax.random.key(0)
+  # Every site its own parameters, perturbed so the dynamic paths are active (HC's start
+  # at zero) and the static mixings leave the identity.
+  stacked = {name: value + 0.1 * jax.random.normal(jax.random.fold_in(key, i),
+                                                   (DEPTH, *value.shape))
+             for i, (name, value) in enumerate(sorted(params.items()))}
+  weights = jax.random.normal(jax.random.key(1), (DEPTH, DIM, DIM)) / math.sqrt(DIM)
+  x = (jax.random.normal(jax.random.key(2), (BATCH, SEQ, DIM)) * scale).astype(jnp.bfloat16)
+  cotangent = jax.random.normal(jax.random.key(3), (BATCH, SEQ, DIM))
+
+  def loss_fn(stacked, weights, x):
+    def sublayer(streams, layer):
+      layer_params, w = layer
+      branch = lambda u: (jnp.tanh(rms_normalise(u, 1e-6) @ w) * scale).astype(u.dtype)
+      streams, sown = nnx.capture(nnx.merge(graphdef, layer_params), nnx.Intermediate)(
+          streams, branch)
+      h_res = nnx.to_pure_dict(sown)["coefficients"][0].h_res
+      return streams, jnp.broadcast_to(h_res, (BATCH, SEQ, NUM_STREAMS, NUM_STREAMS))
+
+    streams, h_res = jax.lax.scan(sublayer, expand_streams(x, NUM_STREAMS),
+                                  (stacked, weights))
+    out = reduce_streams(streams)
+    return jnp.mean(out.astype(jnp.float32) * cotangent), (h_res, out)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True))
+  (loss, (h_res, out)), grads = grad_fn(stacked, weights, x)
+  return loss, grads, h_res, out
+
+
+@pytest.mark.parametrize("variant", list(DEEP_VARIANTS))
+def test_64_bfloat16_sublayers_with_large_activations_stay_finite(variant):
+  loss, grads, h_res, out = deep_stack(variant, scale=1e4)
+  assert out.dtype == jnp.bfloat16 and h_res.shape[0] == DEPTH
+  assert bool(jnp.isfinite(loss)) and bool(jnp.all(jnp.isfinite(out)))
+  for grad in jax.tree.leaves(grads):
+    assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.any(grad != 0))
+  gains = gain_summary(h_res)
+  forward = float(jnp.max(gains["composite_forward_gain"]))
+  backward = float(jnp.max(gains["composite_backward_gain"]))
+  if variant == "mhc":  # Sinkhorn: rows exact, columns to within 20 iterations' accuracy
+    assert abs(forward - 1) < 1e-4
+    assert float(jnp.min(gains["composite_backward_gain"])) > 0.97 and backward < 1.03
+  elif variant == "mhc_lite":  # a mixture of permutations is exactly doubly stochastic
+    assert abs(forward - 1) < 1e-4 and abs(backward - 1) < 1e-4
+  else:  # unconstrained: finite, but 64 layers compound well past 1
+    assert math.isfinite(forward) and math.isfinite(backward) and max(forward, backward) > 1.5

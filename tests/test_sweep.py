@@ -11,17 +11,16 @@ import sys
 import numpy as np
 import pytest
 
-from mhc_jax.metrics import read_metrics
+from mhc_jax.lm.metrics import read_metrics
+
+from experiments import sweep
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import sweep  # noqa: E402
 
 TINY = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 1", "ModelConfig.num_heads = 2",
         "ModelConfig.mlp_dim = 64", "DataConfig.seq_len = 16", "DataConfig.batch_size = 4",
         "OptimizerConfig.warmup_steps = 2", "LoopConfig.log_every = 1",
-        "LoopConfig.eval_every = 100", "LoopConfig.eval_batches = 1", "train.sample_tokens = 0",
-        "train.progress = False"]
+        "LoopConfig.eval_every = 100", "LoopConfig.eval_batches = 1", "LoopConfig.sample_tokens = 0"]
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +64,14 @@ def test_tpu_launcher_prints_one_command_for_all_workers(tmp_path, capsys):
   assert sweep.main([spec, "--out", "/mnt/shared/x", "--tpu", "pod", "--zone", "z1"]) == 0
   command = capsys.readouterr().out.strip()
   assert command.startswith("gcloud compute tpus tpu-vm ssh pod --zone=z1 --worker=all")
-  assert f"experiments/sweep.py {spec} --out /mnt/shared/x --multihost" in command
+  assert f"-m experiments.sweep {spec} --out /mnt/shared/x --multihost" in command
 
 
 def test_local_sweep_runs_each_point_once(tmp_path, corpus):
   spec = write_spec(tmp_path / "s.gin", TINY + [f"DataConfig.source = '{corpus}'",
                                                 "LoopConfig.steps = 2"],
                     grid={"ModelConfig.residual": ["prenorm", "mhc"]})
-  command = [sys.executable, "experiments/sweep.py", spec, "--out", str(tmp_path / "out")]
+  command = [sys.executable, "-m", "experiments.sweep", spec, "--out", str(tmp_path / "out")]
   first = subprocess.run(command, cwd=REPO, env=env(), capture_output=True, text=True,
                          timeout=300)
   assert first.returncode == 0, first.stderr[-2000:]
@@ -99,7 +98,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path, corpus):
     spec = write_spec(tmp_path / "spec.gin", common + extra, runs=runs)
     port = free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "experiments/sweep.py", spec, "--out", str(out), "--multihost",
+        [sys.executable, "-m", "experiments.sweep", spec, "--out", str(out), "--multihost",
          "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
@@ -107,7 +106,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path, corpus):
     assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
     return logs
 
-  multihost(["train.stop_after_step = 3"])
+  multihost(["LoopConfig.stop_after_step = 3"])
   workdir = out / "residual=mhc"
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
   assert not (workdir / "finished.json").exists()
@@ -118,7 +117,7 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path, corpus):
 
   # The same run in one process over 2 devices: the same global batches and mesh.
   code = ("import jax; jax.config.update('jax_num_cpu_devices', 2); import sys; "
-          "from mhc_jax.train import main; sys.exit(main(sys.argv[1:]))")
+          "from mhc_jax.lm.cli import main; sys.exit(main(sys.argv[1:]))")
   args = [a for b in common + ["ModelConfig.residual = 'mhc'"] for a in ("--gin_param", b)]
   single = subprocess.run([sys.executable, "-c", code, *args, "--workdir",
                            str(tmp_path / "single")], cwd=REPO, env=env(), capture_output=True,

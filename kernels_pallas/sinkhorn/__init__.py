@@ -1,8 +1,9 @@
-"""Batched n×n Sinkhorn-Knopp: the semantics (`reference`) and its fast paths: the XLA
-custom VJP (`xla`) and the Pallas kernels (`pallas_common`, `tpu`, `gpu`)."""
+"""Batched n×n Sinkhorn-Knopp: the checked entry point and its registry (`api`), the
+semantics (`reference`), and the implementations: the XLA custom VJP (`xla`) and the Pallas
+kernels (`tpu`, `gpu`, behind the custom VJP in `pallas_vjp`), sharing the steps in
+`iterations` and the layout in `layout`."""
 
-from kernels_pallas.sinkhorn.pallas_common import sinkhorn_pallas
+from kernels_pallas.sinkhorn.api import BACKENDS, IMPLEMENTATIONS, sinkhorn_knopp
 from kernels_pallas.sinkhorn.reference import sinkhorn_reference
-from kernels_pallas.sinkhorn.xla import sinkhorn_xla
 
-__all__ = ["sinkhorn_pallas", "sinkhorn_reference", "sinkhorn_xla"]
+__all__ = ["BACKENDS", "IMPLEMENTATIONS", "sinkhorn_knopp", "sinkhorn_reference"]

@@ -23,6 +23,7 @@ PASS or FAIL line and exits 1 on FAIL. On CPU both kernels run in interpret mode
 """
 
 import argparse
+import functools
 import sys
 import time
 
@@ -30,11 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.sinkhorn.pallas_common import sinkhorn_pallas
+from kernels_pallas.sinkhorn.api import IMPLEMENTATIONS, PLATFORMS
 from kernels_pallas.sinkhorn.reference import sinkhorn_reference
 from kernels_pallas.sinkhorn.xla import sinkhorn_xla
-
-_PLATFORMS = {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}
 
 
 def median_seconds(fn, *args, repeats: int) -> float:
@@ -92,11 +91,13 @@ def memory_table(args) -> None:
 
 
 def sweep(args) -> None:
-  platform = _PLATFORMS.get(jax.default_backend())
+  name = PLATFORMS.get(jax.default_backend())
   paths = {"custom VJP (XLA)": lambda x: sinkhorn_xla(x, args.iters, 0.0),
            "autodiff of loop": lambda x: sinkhorn_reference(x, args.iters)}
-  if platform:
-    paths = {f"Pallas ({platform})": lambda x: sinkhorn_pallas(x, args.iters, platform=platform),
+  if name:
+    implementation = IMPLEMENTATIONS[name]
+    pallas = implementation.require()
+    paths = {f"Pallas ({implementation.platform})": lambda x: pallas(x, args.iters, 0.0),
              **paths}
   print(f"Sinkhorn-Knopp, n={args.n}, {args.iters} iterations, float32, on "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), median of {args.repeats}. "
@@ -123,12 +124,13 @@ def max_errors(out: jax.Array, ref: jax.Array) -> tuple[float, float]:
 
 
 def validate(args) -> None:
-  platform = _PLATFORMS.get(jax.default_backend())
+  name = PLATFORMS.get(jax.default_backend())
   # On CPU the kernels exist only as interpreted programs; both run, at few tokens.
-  kernels = [platform] if platform else ["tpu", "gpu"]
-  tokens = args.tokens if platform else min(args.tokens, 1024)
+  names = [name] if name else [n for n, impl in IMPLEMENTATIONS.items() if impl.platform]
+  kernels = {IMPLEMENTATIONS[n].platform: IMPLEMENTATIONS[n].require() for n in names}
+  tokens = args.tokens if name else min(args.tokens, 1024)
   logits, cotangent = random_inputs(tokens, args.n, seed=1)
-  mode = ("compiled" if platform else
+  mode = ("compiled" if name else
           "interpret mode on CPU: timings are the interpreter's, not the kernel's")
   print(f"Pallas Sinkhorn kernel vs XLA custom VJP, {tokens} tokens, n={args.n}, "
         f"{args.iters} iterations, float32, on {jax.devices()[0].device_kind} "
@@ -143,14 +145,13 @@ def validate(args) -> None:
     seconds = median_seconds(fwd_bwd(xla, cotangent), logits, repeats=args.repeats)
     print(f"| XLA custom VJP | {eps:g} | | | | | {seconds * 1e3:.3f} | "
           f"{gb_per_s(logits, seconds, True):.3g} |")
-    for kernel in kernels:
-      pallas = lambda x, eps=eps, kernel=kernel: sinkhorn_pallas(
-          x, args.iters, eps, platform=kernel, interpret=platform is None)
+    for platform, kernel in kernels.items():
+      pallas = functools.partial(kernel, num_iters=args.iters, eps=eps, interpret=name is None)
       step = fwd_bwd(pallas, cotangent)
       fwd_err, grad_err = max_errors(pallas(logits), ref_out), max_errors(step(logits), ref_grad)
       worst = max(worst, fwd_err[1], grad_err[1])
       seconds = median_seconds(step, logits, repeats=args.repeats)
-      print(f"| Pallas ({kernel}) | {eps:g} | {fwd_err[0]:.1e} | {fwd_err[1]:.1e} | "
+      print(f"| Pallas ({platform}) | {eps:g} | {fwd_err[0]:.1e} | {fwd_err[1]:.1e} | "
             f"{grad_err[0]:.1e} | {grad_err[1]:.1e} | {seconds * 1e3:.3f} | "
             f"{gb_per_s(logits, seconds, True):.3g} |")
   verdict = "PASS" if worst <= args.tol else "FAIL"

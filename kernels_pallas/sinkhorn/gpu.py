@@ -5,7 +5,7 @@ vectors (no matmuls), which Triton expresses directly and runs on any CUDA GPU f
 on (and on ROCm). Mosaic GPU needs sm_90+, and its model (warpgroup register layouts,
 explicit SMEM/TMA staging) buys nothing for this kernel.
 
-Layout: the lane-dense `(n, n, B)` batch (see `pallas_common`) padded to `(p, p, B')`:
+Layout: the lane-dense `(n, n, B)` batch (see `layout.py`) padded to `(p, p, B')`:
 Triton arrays must have power-of-two sizes, so B' is a multiple of the (power-of-two) token
 block and `p` is n rounded up to a power of two. The padded rows and columns hold a separate
 block of the block-diagonal matrix `[[L, -inf], [-inf, 0]]`: Sinkhorn on it normalises the
@@ -28,7 +28,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels_pallas.sinkhorn import pallas_common as common
+from kernels_pallas.sinkhorn import iterations
+from kernels_pallas.sinkhorn.cost import cost_estimate
+from kernels_pallas.sinkhorn.iterations import TOKENS_LAST
+from kernels_pallas.sinkhorn.layout import pad_to, round_up
+from kernels_pallas.sinkhorn.pallas_vjp import Kernels
 
 _ELEMENTS = 2048  # per program and operand: 16 per thread of 4 warps
 _NUM_WARPS = 4
@@ -53,7 +57,7 @@ def _logits(x_ref, n):
 def _forward_kernel(x_ref, out_ref, *, n, num_iters, eps):
   """x_ref, out_ref: (p, p, tokens) blocks."""
   x, off = _logits(x_ref, n)
-  out_ref[...] = common.forward(x, num_iters, eps, off)
+  out_ref[...] = iterations.forward(x, num_iters, eps, TOKENS_LAST, off)
 
 
 def _backward_kernel(x_ref, g_ref, grad_ref, *, n, num_iters, eps):
@@ -62,21 +66,22 @@ def _backward_kernel(x_ref, g_ref, grad_ref, *, n, num_iters, eps):
   later = num_iters - 1
   segment = math.isqrt(max(later - 1, 0)) + 1  # ceil(sqrt(later)), at least 1
   starts = range(0, later, segment)
-  checkpoints, m = [], common.first_iteration(x, eps, off)[1]
+  checkpoints, m = [], iterations.first_iteration(x, eps, TOKENS_LAST, off)[1]
   for start in starts:
     checkpoints.append(m)
-    m = common.advance(m, min(segment, later - start), eps)
+    m = iterations.advance(m, min(segment, later - start), eps, TOKENS_LAST)
   g = g_ref[...] * m  # the cotangent of log(out)
 
   for start, checkpoint in reversed(list(zip(starts, checkpoints))):
     length = min(segment, later - start)
 
     def reverse(t, g, checkpoint=checkpoint, length=length):
-      m_in = common.advance(checkpoint, length - 1 - t, eps)  # this iteration's input
-      m_col, m_row = common.iteration(m_in, eps)
-      return common.back_through_iteration(g, m_col, m_row)
+      m_in = iterations.advance(checkpoint, length - 1 - t, eps, TOKENS_LAST)  # its input
+      m_col, m_row = iterations.iteration(m_in, eps, TOKENS_LAST)
+      return iterations.back_through_iteration(g, m_col, m_row, TOKENS_LAST)
     g = jax.lax.fori_loop(0, length, reverse, g)
-  grad_ref[...] = common.back_through_first(g, x, eps, off)
+  q, m2 = iterations.first_iteration(x, eps, TOKENS_LAST, off)
+  grad_ref[...] = iterations.back_through_first(g, q, m2, eps, TOKENS_LAST)
 
 
 def _call(kernel, arrays, num_iters, eps, interpret):
@@ -84,8 +89,8 @@ def _call(kernel, arrays, num_iters, eps, interpret):
   n, _, num_tokens = arrays[0].shape
   p = pl.next_power_of_2(n)
   tokens = _ELEMENTS // (p * p)
-  padded = common.round_up(max(num_tokens, 1), tokens)
-  arrays = [common.pad_to(a, (p, p, padded)) for a in arrays]
+  padded = round_up(max(num_tokens, 1), tokens)
+  arrays = [pad_to(a, (p, p, padded)) for a in arrays]
   spec = pl.BlockSpec((p, p, tokens), lambda b: (0, 0, b))
   out = pl.pallas_call(
       functools.partial(kernel, n=n, num_iters=num_iters, eps=eps),
@@ -94,7 +99,7 @@ def _call(kernel, arrays, num_iters, eps, interpret):
       in_specs=[spec] * len(arrays),
       out_specs=spec,
       compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=1),
-      cost_estimate=common.cost_estimate(p, padded, num_iters, len(arrays) > 1),
+      cost_estimate=cost_estimate(p, padded, num_iters, len(arrays) > 1),
       interpret=interpret,
   )(*arrays)
   return out[:n, :n, :num_tokens]
@@ -110,4 +115,4 @@ def backward(x, g, num_iters, eps, interpret=False):
   return _call(_backward_kernel, [x, g], num_iters, eps, interpret)
 
 
-KERNELS = common.Kernels(forward, backward)
+KERNELS = Kernels(forward, backward)

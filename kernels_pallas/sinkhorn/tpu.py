@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp forward and exact backward as Pallas TPU (Mosaic) kernels.
 
-Layout: the lane-dense `(n, n, B)` batch (see `pallas_common`) is viewed as
+Layout: the lane-dense `(n, n, B)` batch (see `layout.py`) is viewed as
 `(n, n, rows, 128)`, B padded to `rows * 128`. Tokens fill the sublanes and lanes, so 8 rows
 of one matrix entry are one dense (8, 128) vreg and a row or column sum is n - 1 vreg adds
 (a `(tokens, n, n)` block would use n of the 128 lanes). A grid step ("parallel", so a
@@ -21,7 +21,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.sinkhorn import pallas_common as common
+from kernels_pallas.sinkhorn import iterations
+from kernels_pallas.sinkhorn.cost import cost_estimate
+from kernels_pallas.sinkhorn.iterations import TOKENS_LAST
+from kernels_pallas.sinkhorn.layout import pad_to, round_up
+from kernels_pallas.sinkhorn.pallas_vjp import Kernels
 
 LANES, SUBLANES = 128, 8
 _BLOCK_BYTES = 512 * 1024  # per operand block: amortises the ~0.35 us cost of a grid step
@@ -33,10 +37,10 @@ def _plan(num_tokens: int, n: int) -> tuple[int, int, int]:
   rows = max(1, pl.cdiv(num_tokens, LANES))
   if rows <= SUBLANES:  # one block spanning the whole small array (full dims are legal)
     return rows, rows, rows
-  rows = common.round_up(rows, SUBLANES)
+  rows = round_up(rows, SUBLANES)
   max_rows = max(SUBLANES, _BLOCK_BYTES // (n * n * LANES * 4) // SUBLANES * SUBLANES)
   num_blocks = max(2, pl.cdiv(rows, max_rows))  # >= 2: work for both cores of a megacore
-  per_block = common.round_up(pl.cdiv(rows, num_blocks), SUBLANES)
+  per_block = round_up(pl.cdiv(rows, num_blocks), SUBLANES)
   return num_blocks * per_block, per_block, SUBLANES
 
 
@@ -55,7 +59,7 @@ def _over_chunks(ref, chunk: int, body) -> None:
 def _forward_kernel(x_ref, out_ref, *, num_iters, eps, chunk):
   """x_ref, out_ref: (n, n, rows_per_block, 128) blocks."""
   def body(rows):
-    out_ref[rows] = common.forward(x_ref[rows], num_iters, eps)
+    out_ref[rows] = iterations.forward(x_ref[rows], num_iters, eps, TOKENS_LAST)
   _over_chunks(x_ref, chunk, body)
 
 
@@ -65,17 +69,18 @@ def _backward_kernel(x_ref, g_ref, grad_ref, inputs_ref, *, num_iters, eps, chun
   def body(rows):
     def recompute(k, m):
       inputs_ref[k] = m
-      return common.iteration(m, eps)[1]
-    m2 = common.first_iteration(x_ref[rows], eps)[1]
+      return iterations.iteration(m, eps, TOKENS_LAST)[1]
+    m2 = iterations.first_iteration(x_ref[rows], eps, TOKENS_LAST)[1]
     out = jax.lax.fori_loop(0, num_iters - 1, recompute, m2)
     g = g_ref[rows] * out  # the cotangent of log(out)
 
     def reverse(t, g):
-      m_col, m_row = common.iteration(inputs_ref[num_iters - 2 - t], eps)
-      return common.back_through_iteration(g, m_col, m_row)
+      m_col, m_row = iterations.iteration(inputs_ref[num_iters - 2 - t], eps, TOKENS_LAST)
+      return iterations.back_through_iteration(g, m_col, m_row, TOKENS_LAST)
     g = jax.lax.fori_loop(0, num_iters - 1, reverse, g)
     # x is re-read rather than kept live through both loops (n^2 vregs fewer to spill).
-    grad_ref[rows] = common.back_through_first(g, x_ref[rows], eps)
+    q, m2 = iterations.first_iteration(x_ref[rows], eps, TOKENS_LAST)
+    grad_ref[rows] = iterations.back_through_first(g, q, m2, eps, TOKENS_LAST)
   _over_chunks(x_ref, chunk, body)
 
 
@@ -83,7 +88,7 @@ def _call(kernel, arrays, num_iters, eps, interpret, scratch_matrices):
   """Pads `(n, n, B)` arrays to whole blocks, runs `kernel`, and slices the result back."""
   n, _, num_tokens = arrays[0].shape
   rows, per_block, chunk = _plan(num_tokens, n)
-  tiles = [common.pad_to(a, (n, n, rows * LANES)).reshape(n, n, rows, LANES) for a in arrays]
+  tiles = [pad_to(a, (n, n, rows * LANES)).reshape(n, n, rows, LANES) for a in arrays]
   spec = pl.BlockSpec((n, n, per_block, LANES), lambda b: (0, 0, b, 0))
   scratch = [pltpu.VMEM((scratch_matrices, n, n, chunk, LANES), jnp.float32)]
   vmem = 4 * n * n * LANES * (scratch_matrices * chunk + 2 * (len(arrays) + 1) * per_block)
@@ -97,7 +102,7 @@ def _call(kernel, arrays, num_iters, eps, interpret, scratch_matrices):
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel",),
           vmem_limit_bytes=None if vmem <= _DEFAULT_VMEM else int(vmem * 1.25) + 2**21),
-      cost_estimate=common.cost_estimate(n, rows * LANES, num_iters, bool(scratch_matrices)),
+      cost_estimate=cost_estimate(n, rows * LANES, num_iters, bool(scratch_matrices)),
       interpret=interpret,
   )(*tiles)
   return out.reshape(n, n, rows * LANES)[..., :num_tokens]
@@ -113,4 +118,4 @@ def backward(x, g, num_iters, eps, interpret=False):
   return _call(_backward_kernel, [x, g], num_iters, eps, interpret, max(num_iters - 1, 1))
 
 
-KERNELS = common.Kernels(forward, backward)
+KERNELS = Kernels(forward, backward)

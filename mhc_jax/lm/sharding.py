@@ -14,6 +14,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mhc_jax.checks import check_int
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES: Mapping[str, str | None] = {
@@ -31,9 +33,7 @@ class MeshConfig:
 
   def __post_init__(self):
     for name in MESH_AXES:
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"mesh {name} size must be an int >= 1, got {value!r}")
+      check_int(f"mesh {name} size", getattr(self, name))
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -54,10 +54,6 @@ def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   return jax.make_mesh(cfg.shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def param_specs(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   """`nnx.State` of Variables -> pure dict of PartitionSpecs, checking divisibility."""
 
@@ -68,7 +64,8 @@ def param_specs(abstract_state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
     mesh_axes = tuple(None if a is None else rules[a] for a in axes)
     for dim, axis in zip(variable.shape, mesh_axes):
       if axis is not None and dim % mesh.shape[axis]:
-        raise ValueError(f"parameter {_path_name(path)} of shape {variable.shape} cannot be "
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        raise ValueError(f"parameter {name} of shape {variable.shape} cannot be "
                          f"split {mesh.shape[axis]} ways over mesh axis '{axis}' ({dim} is "
                          "not divisible)")
     return P(*mesh_axes)

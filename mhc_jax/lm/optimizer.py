@@ -7,7 +7,8 @@ import jax
 import optax
 from flax import nnx
 
-from mhc_jax.model import LAYERS_AXIS
+from mhc_jax.checks import check_int
+from mhc_jax.lm.model import LAYERS_AXIS
 
 SCHEDULES = ("cosine", "step")
 
@@ -28,9 +29,7 @@ class OptimizerConfig:
       raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
     if not self.learning_rate > 0:
       raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-    if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) \
-        or self.warmup_steps < 0:
-      raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+    check_int("warmup_steps", self.warmup_steps, minimum=0)
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -56,7 +55,8 @@ def decay_mask(state):
   def decays(path, variable):
     axes = variable.get_metadata().get("logical_axes") or ()
     rank = variable.ndim - (axes[:1] == (LAYERS_AXIS,))
-    return rank >= 2 and not any("static_" in str(getattr(k, "key", "")) for k in path)
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    return rank >= 2 and "static_" not in name
 
   return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
       decays, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))

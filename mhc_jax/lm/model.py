@@ -30,16 +30,17 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from mhc_jax.attention import (ATTENTION_IMPLEMENTATIONS, SPLASH_SEQ_MULTIPLE, causal_attention,
+from mhc_jax.checks import check_int
+from mhc_jax.lm.attention import (ATTENTION_IMPLEMENTATIONS, SPLASH_SEQ_MULTIPLE, causal_attention,
                                default_attention)
 from mhc_jax.mappings import check_streams
-from mhc_jax.modules import HyperConnection, ManifoldHyperConnection
-from mhc_jax.sharding import BATCH_AXES
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.sharding import BATCH_AXES
 from mhc_jax.streams import expand_streams, reduce_streams
 
-RESIDUALS = ("prenorm", "postnorm", "hc", "mhc", "mhc_lite")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LAYERS_AXIS = "layers"  # the logical axis of stacked (scanned) block parameters
+SITES = ("attn_site", "mlp_site")  # a Block's sub-layers' sites, in depth order
 
 # The branches' matmul outputs, named so a remat policy can keep them (see REMAT_POLICIES).
 BRANCH_MATMULS = ("query", "key", "value", "attention_context", "attention_out", "mlp_gate",
@@ -81,9 +82,7 @@ class ModelConfig:
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "num_streams",
                  "sinkhorn_iters"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+      check_int(name, getattr(self, name))
     if self.residual not in RESIDUALS:
       raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}; got {self.residual!r}")
     if self.d_model % self.num_heads:
@@ -104,7 +103,7 @@ class ModelConfig:
 
   @property
   def uses_streams(self) -> bool:
-    return self.residual in ("hc", "mhc", "mhc_lite")
+    return RESIDUALS[self.residual].uses_streams
 
   @property
   def head_dim(self) -> int:
@@ -196,20 +195,9 @@ class SwiGLU(nnx.Module):
     return checkpoint_name((jax.nn.silu(gate) * up) @ self.w_down[...].astype(dtype), "mlp_out")
 
 
-def make_site(cfg: ModelConfig, layer_index: int, rngs: nnx.Rngs):
-  """The hyper-connection module for one sub-layer, or None for prenorm / postnorm."""
-  if cfg.residual == "hc":
-    return HyperConnection(cfg.num_streams, cfg.d_model, layer_index=layer_index,
-                           dynamic=cfg.hc_dynamic)
-  if cfg.residual in ("mhc", "mhc_lite"):
-    return ManifoldHyperConnection(
-        cfg.num_streams, cfg.d_model, layer_index=layer_index, rngs=rngs,
-        sinkhorn_iters=cfg.sinkhorn_iters, sinkhorn_backend=cfg.sinkhorn_backend,
-        res_mapping="permutations" if cfg.residual == "mhc_lite" else "sinkhorn")
-  return None
-
-
 class Block(nnx.Module):
+  """Attention then MLP, each joined to the residual path as `RESIDUALS[cfg.residual]` says."""
+
   def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     self.residual = cfg.residual
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -217,19 +205,14 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = SwiGLU(cfg, rngs)
     # Sub-layers are counted separately (2 per block), as in both papers.
-    self.attn_site = make_site(cfg, 2 * layer, rngs)
-    self.mlp_site = make_site(cfg, 2 * layer + 1, rngs)
-
-  def _sublayer(self, h, site, norm, fn):
-    if self.residual == "postnorm":
-      return norm(h + fn(h))
-    if site is None:  # prenorm
-      return h + fn(norm(h))
-    return site(h, lambda x: fn(norm(x)))
+    make_site = RESIDUALS[cfg.residual].make_site
+    self.attn_site, self.mlp_site = (make_site(cfg, 2 * layer + i, rngs) if make_site else None
+                                     for i in range(len(SITES)))
 
   def __call__(self, h):  # [batch, seq, d_model] or streams [batch, seq, n, d_model]
-    h = self._sublayer(h, self.attn_site, self.attn_norm, self.attn)
-    return self._sublayer(h, self.mlp_site, self.mlp_norm, self.mlp)
+    join = RESIDUALS[self.residual].join
+    h = join(h, self.attn_site, self.attn_norm, self.attn)
+    return join(h, self.mlp_site, self.mlp_norm, self.mlp)
 
 
 def stack_layers(blocks: list[Block]) -> Block:

@@ -1,7 +1,5 @@
-"""The report of a residual comparison: plots, `report.md` and `summary.json` in one folder.
-
-Takes the runs as `Run`s (metrics rows and measurements of the final parameters, see
-`compare_residuals.py`); every figure shows the mean over seeds, with the min-max band.
+"""The figures of a residual comparison, one PNG each; every curve is the mean over seeds,
+with the min-max band.
 
     loss_train.png, loss_eval.png, grad_norm.png    per variant, over training
     gain_over_training.png   largest single-layer and composite H_res gain (stream variants)
@@ -10,8 +8,6 @@ Takes the runs as `Run`s (metrics rows and measurements of the final parameters,
     cosine_streams.png       cosine similarity between streams (stream variants)
 """
 
-import dataclasses
-import json
 import math
 import pathlib
 
@@ -23,117 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-BASELINE = "prenorm"
-COLORS = {"prenorm": "tab:blue", "postnorm": "tab:orange", "hc": "tab:red", "mhc": "tab:green",
-          "mhc_lite": "tab:purple"}
-GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
+from experiments.report.numbers import (GAINS, Run, by_variant, has_streams,  # noqa: E402
+                                        over_seeds)
+from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
+
 FIGURES = ("loss_train.png", "loss_eval.png", "grad_norm.png", "gain_over_training.png",
            "gain_per_layer.png", "cosine_layers.png", "cosine_streams.png")
 DPI = 110
 
 
-@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality
-class Run:
-  """One trained (variant, seed).
-
-  rows: its metrics.jsonl records. layer_cosine: `[L, L]` between blocks' outputs (streams
-  summed). stream_cosine: `[L, n, n]` between the streams of each block's output, or None
-  without streams.
-  """
-
-  variant: str
-  seed: int
-  rows: list[dict]
-  num_params: int
-  layer_cosine: np.ndarray
-  stream_cosine: np.ndarray | None
-
-
-# Numbers.
-
-
-def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
-  """Runs grouped by variant, in first-seen order, each group in seed order."""
-  groups = {}
-  for run in runs:
-    groups.setdefault(run.variant, []).append(run)
-  return {v: sorted(group, key=lambda r: r.seed) for v, group in groups.items()}
-
-
-def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """-> (steps `[T]`, values `[T]`) of the rows that logged `key`."""
-  kept = [row for row in rows if key in row]
-  return np.array([r["step"] for r in kept], int), np.array([r[key] for r in kept], float)
-
-
-def over_seeds(group: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """-> (steps `[T]`, values `[seeds, T]`) at the steps every seed logged `key` at."""
-  curves = [dict(zip(*series(run.rows, key))) for run in group]
-  steps = sorted(set.intersection(*(set(c) for c in curves)))
-  return np.array(steps, int), np.array([[c[s] for s in steps] for c in curves], float)
-
-
-def last_value(rows: list[dict], key: str) -> float:
-  return series(rows, key)[1][-1]
-
-
-def has_streams(group: list[Run]) -> bool:
-  """Stream variants log H_res gains and have stream similarities."""
-  return group[0].stream_cosine is not None
-
-
-def mean_std(values) -> dict:
-  """Mean and sample standard deviation (ddof 1; NaN for one value)."""
-  values = np.asarray(values, float)
-  std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-  return {"mean": float(np.mean(values)), "std": std}
-
-
-def summarize(runs: list[Run], settings: dict) -> dict:
-  """The report's numbers per variant; `settings` is stored alongside as given."""
-  groups = by_variant(runs)
-  final = {v: {r.seed: last_value(r.rows, "eval_loss") for r in g} for v, g in groups.items()}
-  variants = {}
-  for variant, group in groups.items():
-    entry = {"num_params": group[0].num_params,
-             "final_eval_loss": {**mean_std(list(final[variant].values())),
-                                 "per_seed": {str(s): v for s, v in final[variant].items()}},
-             "skipped_updates": int(sum(last_value(r.rows, "skipped_steps") for r in group)),
-             "tokens_per_sec_median": float(np.median(np.concatenate(
-                 [series(r.rows, "tokens_per_sec")[1] for r in group])))}
-    if BASELINE in final and variant != BASELINE:
-      # Same seed, same data and validation split: the difference cancels what they share.
-      entry[f"eval_loss_minus_{BASELINE}"] = mean_std(
-          [final[variant][s] - final[BASELINE][s] for s in final[variant]])
-    if has_streams(group):
-      # Worst case over seeds: a gain that explodes in one seed is what stability is about.
-      entry["final_max_gain"] = {
-          g: float(np.max([last_value(r.rows, f"{g}/max") for r in group])) for g in GAINS}
-    variants[variant] = entry
-  return {"settings": settings, "variants": variants,
-          "runs": [{"variant": r.variant, "seed": r.seed,
-                    "final_eval_loss": final[r.variant][r.seed],
-                    "layer_cosine": r.layer_cosine.tolist(),
-                    "stream_cosine": None if r.stream_cosine is None else
-                    r.stream_cosine.tolist()} for r in runs]}
-
-
-def _jsonable(x):
-  """Non-finite floats as "nan" / "inf" / "-inf", as `mhc_jax.metrics` writes them."""
-  if isinstance(x, dict):
-    return {k: _jsonable(v) for k, v in x.items()}
-  if isinstance(x, list | tuple):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, float) and not math.isfinite(x):
-    return str(x)
-  return x
-
-
-# Figures.
-
-
 def _color(variant: str) -> str:
-  return COLORS.get(variant, "black")
+  return RESIDUALS[variant].color if variant in RESIDUALS else "black"
 
 
 def _band(ax, steps, values, variant, marker=None):
@@ -330,107 +226,3 @@ def plot_all(out: pathlib.Path, runs: list[Run]) -> None:
   plot_gains_per_layer(out / "gain_per_layer.png", groups)
   plot_layer_cosine(out / "cosine_layers.png", groups)
   plot_stream_cosine(out / "cosine_streams.png", groups)
-
-
-# Markdown.
-
-
-def _pm(stats: dict) -> str:
-  std = "n/a" if math.isnan(stats["std"]) else f"{stats['std']:.4f}"
-  return f"{stats['mean']:.4f} ± {std}"
-
-
-def _table(summary: dict) -> list[str]:
-  seeds = summary["settings"]["seeds"]
-  lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired) | per seed "
-           f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
-           "fwd / bwd | skipped updates | tokens/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for variant, entry in summary["variants"].items():
-    delta = entry.get(f"eval_loss_minus_{BASELINE}")
-    gains = entry.get("final_max_gain")
-    single = composite = "–"
-    if gains:
-      single = f"{gains['forward_gain']:.3g} / {gains['backward_gain']:.3g}"
-      composite = f"{gains['composite_forward_gain']:.3g} / {gains['composite_backward_gain']:.3g}"
-    per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
-    lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
-                 f"{_pm(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
-                 f"{entry['skipped_updates']} | {entry['tokens_per_sec_median']:,.0f} |")
-  return lines
-
-
-def _settings_lines(settings: dict) -> list[str]:
-  lines = []
-  for key, value in settings.items():
-    if isinstance(value, dict):
-      value = ", ".join(f"{k}={v}" for k, v in value.items())
-    elif isinstance(value, list | tuple):
-      value = ", ".join(map(str, value))
-    lines.append(f"- **{key}**: {value}")
-  return lines
-
-
-def markdown(summary: dict) -> str:
-  s = summary["settings"]
-  loop, data = s["loop"], s["data"]
-  return "\n".join([
-      f"# Residual variants compared (preset `{s['preset']}`)",
-      "",
-      f"{len(s['variants'])} variants × {len(s['seeds'])} seeds; {loop['steps']} steps of "
-      f"{data['batch_size']} × {data['seq_len']} tokens each; n = {s['num_streams']} streams "
-      "for hc / mhc / mhc_lite.",
-      "",
-      "## Final validation loss",
-      "",
-      *_table(summary),
-      "",
-      "Mean ± sample standard deviation (ddof 1) over seeds. The data order and the validation "
-      "split follow the seed and are the same for every variant, so *Δ vs prenorm* (variant "
-      "minus prenorm at the same seed) is the paired difference. Gains: the largest over "
-      "sub-layers, tokens and seeds at the last diagnostics step (1 for doubly-stochastic "
-      "H_res). Tokens/s: median over logged steps (shared machines make it noisy).",
-      "",
-      "## Loss and gradients",
-      "",
-      "Mean over seeds; the band spans min to max over seeds.",
-      "",
-      "![training loss](loss_train.png)",
-      "",
-      "![validation loss](loss_eval.png)",
-      "",
-      "![gradient norm](grad_norm.png)",
-      "",
-      "## H_res gains (stream variants)",
-      "",
-      f"Logged every {loop['diagnostics_every']} steps from the training forward pass. "
-      "Composite: the product H_l ... H_0 from the first sub-layer's input to sub-layer l's "
-      "output.",
-      "",
-      "![gain over training](gain_over_training.png)",
-      "",
-      "![gain per layer](gain_per_layer.png)",
-      "",
-      "## Representation similarity (final parameters)",
-      "",
-      f"Each block's output on the first {s['analysis_batches']} validation batches.",
-      "",
-      "![cosine similarity between layers](cosine_layers.png)",
-      "",
-      "![cosine similarity between streams](cosine_streams.png)",
-      "",
-      "## Settings",
-      "",
-      *_settings_lines(s),
-      "",
-  ])
-
-
-def write_report(out: pathlib.Path, runs: list[Run], settings: dict) -> dict:
-  """Writes the figures, `summary.json` and `report.md` into `out`; -> the summary."""
-  out.mkdir(parents=True, exist_ok=True)
-  summary = summarize(runs, settings)
-  plot_all(out, runs)
-  (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-  (out / "report.md").write_text(markdown(summary))
-  return summary

@@ -7,7 +7,7 @@ those settings and across residual variants.
 
 import math
 
-from mhc_jax.model import ModelConfig
+from mhc_jax.lm.model import ModelConfig
 
 # Dense bfloat16 peak per device in TFLOP/s, from the vendors' data sheets. Keys are
 # prefixes of `jax.Device.device_kind`; the longest that matches wins, so "TPU v5 lite" (v5e)

@@ -1,0 +1,96 @@
+"""`report.md` of a residual comparison, from its summary (see `numbers.summarize`)."""
+
+import math
+
+from experiments.report.numbers import BASELINE
+
+
+def _pm(stats: dict) -> str:
+  std = "n/a" if math.isnan(stats["std"]) else f"{stats['std']:.4f}"
+  return f"{stats['mean']:.4f} ± {std}"
+
+
+def _table(summary: dict) -> list[str]:
+  seeds = summary["settings"]["seeds"]
+  lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired) | per seed "
+           f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
+           "fwd / bwd | skipped updates | tokens/s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for variant, entry in summary["variants"].items():
+    delta = entry.get(f"eval_loss_minus_{BASELINE}")
+    gains = entry.get("final_max_gain")
+    single = composite = "–"
+    if gains:
+      single = f"{gains['forward_gain']:.3g} / {gains['backward_gain']:.3g}"
+      composite = f"{gains['composite_forward_gain']:.3g} / {gains['composite_backward_gain']:.3g}"
+    per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
+    lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
+                 f"{_pm(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
+                 f"{entry['skipped_updates']} | {entry['tokens_per_sec_median']:,.0f} |")
+  return lines
+
+
+def _settings_lines(settings: dict) -> list[str]:
+  lines = []
+  for key, value in settings.items():
+    if isinstance(value, dict):
+      value = ", ".join(f"{k}={v}" for k, v in value.items())
+    elif isinstance(value, list | tuple):
+      value = ", ".join(map(str, value))
+    lines.append(f"- **{key}**: {value}")
+  return lines
+
+
+def markdown(summary: dict) -> str:
+  s = summary["settings"]
+  loop, data = s["loop"], s["data"]
+  return "\n".join([
+      f"# Residual variants compared (preset `{s['preset']}`)",
+      "",
+      f"{len(s['variants'])} variants × {len(s['seeds'])} seeds; {loop['steps']} steps of "
+      f"{data['batch_size']} × {data['seq_len']} tokens each; n = {s['num_streams']} streams "
+      "for hc / mhc / mhc_lite.",
+      "",
+      "## Final validation loss",
+      "",
+      *_table(summary),
+      "",
+      "Mean ± sample standard deviation (ddof 1) over seeds. The data order and the validation "
+      "split follow the seed and are the same for every variant, so *Δ vs prenorm* (variant "
+      "minus prenorm at the same seed) is the paired difference. Gains: the largest over "
+      "sub-layers, tokens and seeds at the last diagnostics step (1 for doubly-stochastic "
+      "H_res). Tokens/s: median over logged steps (shared machines make it noisy).",
+      "",
+      "## Loss and gradients",
+      "",
+      "Mean over seeds; the band spans min to max over seeds.",
+      "",
+      "![training loss](loss_train.png)",
+      "",
+      "![validation loss](loss_eval.png)",
+      "",
+      "![gradient norm](grad_norm.png)",
+      "",
+      "## H_res gains (stream variants)",
+      "",
+      f"Logged every {loop['diagnostics_every']} steps from the training forward pass. "
+      "Composite: the product H_l ... H_0 from the first sub-layer's input to sub-layer l's "
+      "output.",
+      "",
+      "![gain over training](gain_over_training.png)",
+      "",
+      "![gain per layer](gain_per_layer.png)",
+      "",
+      "## Representation similarity (final parameters)",
+      "",
+      f"Each block's output on the first {s['analysis_batches']} validation batches.",
+      "",
+      "![cosine similarity between layers](cosine_layers.png)",
+      "",
+      "![cosine similarity between streams](cosine_streams.png)",
+      "",
+      "## Settings",
+      "",
+      *_settings_lines(s),
+      "",
+  ])

@@ -1,0 +1,105 @@
+"""The numbers of a residual comparison: runs grouped by variant, curves over seeds, the
+summary (final losses, paired differences to the baseline, worst gains) that `summary.json`
+holds."""
+
+import dataclasses
+import math
+
+import numpy as np
+
+BASELINE = "prenorm"
+GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality
+class Run:
+  """One trained (variant, seed).
+
+  rows: its metrics.jsonl records. layer_cosine: `[L, L]` between blocks' outputs (streams
+  summed). stream_cosine: `[L, n, n]` between the streams of each block's output, or None
+  without streams.
+  """
+
+  variant: str
+  seed: int
+  rows: list[dict]
+  num_params: int
+  layer_cosine: np.ndarray
+  stream_cosine: np.ndarray | None
+
+
+def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
+  """Runs grouped by variant, in first-seen order, each group in seed order."""
+  groups = {}
+  for run in runs:
+    groups.setdefault(run.variant, []).append(run)
+  return {v: sorted(group, key=lambda r: r.seed) for v, group in groups.items()}
+
+
+def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """-> (steps `[T]`, values `[T]`) of the rows that logged `key`."""
+  kept = [row for row in rows if key in row]
+  return np.array([r["step"] for r in kept], int), np.array([r[key] for r in kept], float)
+
+
+def over_seeds(group: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """-> (steps `[T]`, values `[seeds, T]`) at the steps every seed logged `key` at."""
+  curves = [dict(zip(*series(run.rows, key))) for run in group]
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  return np.array(steps, int), np.array([[c[s] for s in steps] for c in curves], float)
+
+
+def last_value(rows: list[dict], key: str) -> float:
+  return series(rows, key)[1][-1]
+
+
+def has_streams(group: list[Run]) -> bool:
+  """Stream variants log H_res gains and have stream similarities."""
+  return group[0].stream_cosine is not None
+
+
+def mean_std(values) -> dict:
+  """Mean and sample standard deviation (ddof 1; NaN for one value)."""
+  values = np.asarray(values, float)
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+  return {"mean": float(np.mean(values)), "std": std}
+
+
+def summarize(runs: list[Run], settings: dict) -> dict:
+  """The report's numbers per variant; `settings` is stored alongside as given."""
+  groups = by_variant(runs)
+  final = {v: {r.seed: last_value(r.rows, "eval_loss") for r in g} for v, g in groups.items()}
+  variants = {}
+  for variant, group in groups.items():
+    entry = {"num_params": group[0].num_params,
+             "final_eval_loss": {**mean_std(list(final[variant].values())),
+                                 "per_seed": {str(s): v for s, v in final[variant].items()}},
+             "skipped_updates": int(sum(last_value(r.rows, "skipped_steps") for r in group)),
+             "tokens_per_sec_median": float(np.median(np.concatenate(
+                 [series(r.rows, "tokens_per_sec")[1] for r in group])))}
+    if BASELINE in final and variant != BASELINE:
+      # Same seed, same data and validation split: the difference cancels what they share.
+      entry[f"eval_loss_minus_{BASELINE}"] = mean_std(
+          [final[variant][s] - final[BASELINE][s] for s in final[variant]])
+    if has_streams(group):
+      # Worst case over seeds: a gain that explodes in one seed is what stability is about.
+      entry["final_max_gain"] = {
+          g: float(np.max([last_value(r.rows, f"{g}/max") for r in group])) for g in GAINS}
+    variants[variant] = entry
+  return {"settings": settings, "variants": variants,
+          "runs": [{"variant": r.variant, "seed": r.seed,
+                    "final_eval_loss": final[r.variant][r.seed],
+                    "layer_cosine": r.layer_cosine.tolist(),
+                    "stream_cosine": None if r.stream_cosine is None else
+                    r.stream_cosine.tolist()} for r in runs]}
+
+
+def jsonable(x):
+  """Non-finite floats as "nan" / "inf" / "-inf", as `mhc_jax.lm.metrics` writes them."""
+  if isinstance(x, dict):
+    return {k: jsonable(v) for k, v in x.items()}
+  if isinstance(x, list | tuple):
+    return [jsonable(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)
+  return x

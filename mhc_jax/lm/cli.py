@@ -1,0 +1,66 @@
+"""`mhc-train`: gin presets and bindings -> configs -> `train()`; exit codes 0 / 1 / 2.
+
+    mhc-train --gin_file shakespeare_tiny.gin --workdir workdirs/tiny
+    mhc-train --gin_file shakespeare_tiny.gin --gin_file residual/mhc.gin --workdir ...
+    python -m mhc_jax.lm.cli --gin_param 'ModelConfig.residual = "mhc"' --workdir ...
+
+Exit 0: trained, stopped by SIGTERM / SIGINT with a checkpoint, or already finished.
+Exit 1: a non-finite step under `LoopConfig.nonfinite = "stop"`. Exit 2: bad input, in one line.
+"""
+
+import argparse
+import sys
+
+from mhc_jax.lm import checkpoint, presets, train as train_lib
+
+DEFAULT_PRESET = "shakespeare_tiny.gin"
+
+
+def parse_args(argv):
+  names = "\n".join(f"  {name}" for name in presets.preset_names())
+  parser = argparse.ArgumentParser(
+      prog="mhc-train", description=train_lib.__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=f"presets (name them relative to {presets.PRESET_DIR}; residual/ ones add a "
+             f"variant to a run,\ncompare/ and sweeps/ ones configure "
+             f"experiments/compare_residuals.py and experiments/sweep.py):\n{names}")
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin config file (repeatable): a preset name or a path "
+                           f"(default: {DEFAULT_PRESET})")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding, e.g. 'ModelConfig.residual = \"mhc\"' (repeatable)")
+  parser.add_argument("--workdir", required=True,
+                      help="holds the run: checkpoints, metrics, config.json, finished.json; "
+                           "re-running on it resumes from the latest checkpoint, and does "
+                           "nothing once the run has finished")
+  parser.add_argument("--no_progress", dest="progress", action="store_false",
+                      help="no progress bar or progress lines (logs of batch jobs)")
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  # Without a file the configs' defaults would train a 6M-parameter model: far too slow for
+  # a first try on a CPU, and nothing the user chose.
+  files = args.gin_file or [DEFAULT_PRESET]
+  try:
+    configs, bindings = presets.parse(files, args.gin_param)
+  except presets.GinError as err:
+    print(f"mhc-train: {err}", file=sys.stderr)
+    return 2
+  if not args.gin_file:
+    print(f"mhc-train: no --gin_file given: using {DEFAULT_PRESET}", file=sys.stderr, flush=True)
+  checkpoint.hide_abandoned_restore_reads()
+  try:
+    train_lib.train(args.workdir, **configs, progress=args.progress, record=bindings)
+  except ValueError as err:
+    print(f"mhc-train: {presets.one_line(err)}", file=sys.stderr)
+    return 2
+  except train_lib.NonFiniteError as err:
+    print(f"mhc-train: {err}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,255 @@
+"""The training loop: SPMD over a (data, fsdp, tensor) mesh, resumable, configs as arguments.
+
+    train(workdir, model=ModelConfig(...), data=DataConfig(...), optimizer=..., mesh=..., loop=...)
+
+(`mhc-train`, in `cli.py`, builds the configs from gin presets and bindings.) Writes into
+WORKDIR: `checkpoints/` (see `checkpoint.py`), `metrics.jsonl` and `tensorboard/` (see
+`metrics.py`), `config.json` (the configs in force), `schedule.json` (what defines the
+learning-rate schedule), and once all `LoopConfig.steps` are done, `finished.json` (the last
+logged metrics). Started again on the same WORKDIR it resumes from the latest complete
+checkpoint; once finished, it says so and does nothing.
+SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and exit.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+
+import jax
+from flax import nnx
+
+from mhc_jax.lm import checkpoint
+from mhc_jax.lm.attention import check_platform
+from mhc_jax.lm.data import Corpus, DataConfig
+from mhc_jax.lm.flops import model_flops_per_token, peak_flops_per_device, throughput
+from mhc_jax.lm.metrics import MetricsWriter, ProgressBar
+from mhc_jax.lm.model import DTYPES, ModelConfig
+from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.sample import sample_text
+from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.lm.train_state import LoopConfig, Trainer, nonfinite_kinds
+
+FINISHED = "finished.json"
+SCHEDULE = "schedule.json"
+CONFIG = "config.json"
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a NaN or Inf and the policy is to stop."""
+
+
+class _StopRequests:
+  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only)."""
+
+  def __init__(self):
+    self.signal_name = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f".write_test.{os.getpid()}"  # one per process: hosts share workdirs
+    probe.write_text("")
+    probe.unlink()
+  except OSError as err:
+    raise ValueError(f"workdir {workdir} is not writable: {err.strerror}") from None
+
+
+def _check_guard(state, policy: str, reported: int, last_saved: int) -> int:
+  """Raises (policy "stop") or warns (policy "skip") about non-finite steps; -> skips seen."""
+  guard = jax.device_get(state["guard"])
+  skipped = int(guard["skipped"])
+  if skipped == reported:
+    return skipped
+  what = " and ".join(nonfinite_kinds(int(guard["first_kind"])))
+  first = int(guard["first_step"])
+  if policy == "stop":
+    raise NonFiniteError(f"non-finite {what} at step {first}; that update was not applied and "
+                         f"nothing after it was saved (last checkpoint: step {last_saved})")
+  print(f"mhc-train: skipped {skipped} update(s) with non-finite values so far (first at step "
+        f"{first}: {what})", file=sys.stderr, flush=True)
+  return skipped
+
+
+def train(workdir: str,
+          model: ModelConfig = ModelConfig(),
+          data: DataConfig = DataConfig(),
+          optimizer: OptimizerConfig = OptimizerConfig(),
+          mesh: MeshConfig = MeshConfig(),
+          loop: LoopConfig = LoopConfig(),
+          devices=None,
+          progress: bool = True,
+          record: str | None = None) -> list[dict]:
+  """Trains (or resumes) in `workdir`; returns this call's logged metrics.
+
+  `progress`: a progress bar (periodic lines when not on a terminal).
+  `record`: text saved as `config.gin` beside `config.json` (the CLI's gin bindings).
+  """
+  workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
+  lead = jax.process_index() == 0
+  # Before anything is written or compiled: one line if the platform cannot run it.
+  check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
+  check_workdir(workdir)
+  corpus = Corpus(data)
+  trainer = Trainer(model, optimizer, mesh, loop, data.batch_size, devices)
+  flops_per_token = model_flops_per_token(model, data.seq_len)
+  peak_flops = peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind)
+  shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
+  train_iter = corpus.train_iterator(**shard)
+  manager = checkpoint.manager(workdir, loop.keep_checkpoints)
+  start = manager.latest_step() or 0
+  if start:
+    state = checkpoint.restore(manager, start, trainer.abstract_state, train_iter)
+  else:
+    state = trainer.init_state()
+  # Only now: a finished run whose config no longer fits its checkpoint, or whose checkpoint
+  # is damaged, must still say so rather than report success. Finished means the marker and
+  # a checkpoint of the last step: with that checkpoint removed, the run redoes the step.
+  done = _finished_step(workdir)
+  if done is not None and done >= loop.steps and start >= loop.steps:
+    manager.close()
+    if lead:
+      print(f"mhc-train: {workdir} is finished ({done} steps); nothing to do",
+            file=sys.stderr, flush=True)
+    return []
+  if lead:
+    _record_schedule(workdir, optimizer, loop, resuming=bool(start))
+  has_validation = len(corpus.validation_batches(1, **shard)) > 0
+  if lead and not has_validation:
+    print("mhc-train: no validation data (too few or too short held-out documents): "
+          "eval_loss is not computed", file=sys.stderr, flush=True)
+  if lead:
+    configs = dict(model=model, data=data, optimizer=optimizer, mesh=mesh, loop=loop)
+    _write_whole(workdir / CONFIG, json.dumps(
+        {name: dataclasses.asdict(config) for name, config in configs.items()}, indent=2))
+    if record is not None:
+      _write_whole(workdir / "config.gin", record)
+    print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
+          f"{trainer.num_params:,} parameters; {flops_per_token / 1e9:.3g} GFLOP/token; "
+          f"mesh {dict(trainer.mesh.shape)}; "
+          + (f"resuming at step {start}" if start else "starting from scratch"), flush=True)
+
+  writer = MetricsWriter(workdir, resume_step=start) if lead else None
+  bar = ProgressBar(loop.steps) if progress and lead else None
+  history, tokens_per_step = [], data.batch_size * data.seq_len
+  last_time, last_step, last_saved = time.perf_counter(), start, start
+  reported = int(jax.device_get(state["guard"]["skipped"]))
+  last = loop.steps if loop.stop_after_step is None else min(loop.stop_after_step, loop.steps)
+
+  with _StopRequests() as stop:
+    for step in range(start + 1, last + 1):
+      diagnostics = loop.diagnostics_every and step % loop.diagnostics_every == 0
+      state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)),
+                                          diagnostics=bool(diagnostics))
+      # Read once: a signal that lands later in this iteration (most do, while it waits on
+      # the device) must not skip the save below and then break; it stops the next one.
+      stopping = stop.signal_name is not None
+      final = step == last or stopping
+      logs = step % loop.log_every == 0 or step % loop.eval_every == 0 or diagnostics or final
+      saves = step % loop.checkpoint_every == 0 or final
+      if logs or saves:
+        try:
+          reported = _check_guard(state, loop.nonfinite, reported, last_saved)
+        except NonFiniteError:  # names last_saved as the checkpoint: let its save finish
+          manager.wait_until_finished()
+          raise
+      if logs:
+        row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
+        now = time.perf_counter()
+        row["tokens_per_sec"] = tokens_per_step * (step - last_step) / (now - last_time)
+        row.update(throughput(flops_per_token, row["tokens_per_sec"], trainer.mesh.size,
+                              peak_flops))
+        last_time, last_step = now, step
+        if (step % loop.eval_every == 0 or step == loop.steps) and has_validation:
+          row["eval_loss"] = trainer.evaluate(
+              state["params"], corpus.validation_batches(loop.eval_batches, **shard))
+        history.append(row)
+        if writer:
+          writer.write(step, {k: v for k, v in row.items() if k != "step"})
+        if bar:
+          bar.update(step, **{k: row[k] for k in ("train_loss", "eval_loss", "tokens_per_sec")
+                              if k in row})
+      if saves:
+        checkpoint.save(manager, step, state, train_iter)
+        last_saved = step
+      if stopping:
+        break
+    manager.wait_until_finished()
+  manager.close()
+  if bar:
+    bar.close()
+  if writer:
+    writer.close()
+  if stop.signal_name is not None:
+    if lead:
+      print(f"mhc-train: {stop.signal_name} received; saved the checkpoint of step {last_saved} "
+            f"in {workdir / 'checkpoints'}; run the same command to resume", file=sys.stderr,
+            flush=True)
+    return history
+  if lead:
+    if last == loop.steps and history:  # the marker sweeps and reports use to skip runs
+      (workdir / FINISHED).write_text(json.dumps(history[-1]))
+    if loop.sample_tokens and last == loop.steps:
+      model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
+      text = sample_text(model_, loop.sample_prompt, num_tokens=loop.sample_tokens,
+                         context=data.seq_len)
+      print(f"sample after {last} steps:\n{text}", flush=True)
+  return history
+
+
+def _finished_step(workdir: pathlib.Path) -> int | None:
+  """The step `finished.json` records, or None while the run has not finished."""
+  path = workdir / FINISHED
+  if not path.exists():
+    return None
+  try:
+    return int(json.loads(path.read_text())["step"])
+  except (ValueError, KeyError, TypeError) as err:
+    raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to resume "
+                     f"the run") from None
+
+
+def _record_schedule(workdir: pathlib.Path, optimizer: OptimizerConfig, loop: LoopConfig,
+                     resuming: bool) -> None:
+  """Warns when a resumed run's schedule differs from the previous start's, then records
+  this one. A JSON of its own, not `config.json`: that one is rewritten at every start, so
+  it cannot say what the previous start used."""
+  now = {"LoopConfig.steps": loop.steps,
+         **{f"OptimizerConfig.{name}": getattr(optimizer, name)
+            for name in ("learning_rate", "warmup_steps", "schedule", "final_lr_ratio")}}
+  path = workdir / SCHEDULE
+  if resuming and path.exists():
+    before = json.loads(path.read_text())
+    changed = [f"{name} {before[name]!r} -> {value!r}" for name, value in now.items()
+               if name in before and before[name] != value]
+    if changed:
+      print(f"mhc-train: warning: the learning-rate schedule changes on resume "
+            f"({', '.join(changed)})", file=sys.stderr, flush=True)
+  _write_whole(path, json.dumps(now))
+
+
+def _write_whole(path: pathlib.Path, text: str) -> None:
+  """Whole or not at all: a half-written record would stop every later resume."""
+  tmp = path.with_suffix(f".{os.getpid()}.tmp")
+  tmp.write_text(text)
+  tmp.replace(path)
