@@ -3,6 +3,7 @@ and the grain training / validation iterators (determinism, resume, orbax, shard
 
 import pathlib
 import re
+import shutil
 
 import grain
 import numpy as np
@@ -80,9 +81,35 @@ def test_load_documents_sorted_by_name_each_file_once_bytes_verbatim(tmp_path):
   paths = write_documents(tmp_path, [5, 7, 3])
   paths[1].write_bytes(b"\x00\xff not utf-8 \x80")
   documents = data.load_documents((str(tmp_path / "*.txt"), str(paths[0])))
-  assert [name for name, _ in documents] == sorted(str(p) for p in paths)
+  assert [name for name, _ in documents] == sorted(p.name for p in paths)
   assert [raw for _, raw in documents] == [p.read_bytes() for p in paths]
-  assert data.load_documents(str(paths[2])) == [(str(paths[2]), paths[2].read_bytes())]
+  assert data.load_documents(str(paths[2])) == [(paths[2].name, paths[2].read_bytes())]
+
+
+@pytest.mark.parametrize("patterns, names", [
+    (["a/**/*.txt"], ["1.txt", "b/2.txt"]),
+    (["a/1.txt", "a/b/*.txt"], ["1.txt", "b/2.txt"]),
+    (["a/b/2.txt"], ["2.txt"]),
+    (["a/*.txt", "c/3.txt"], ["a/1.txt", "c/3.txt"]),
+])
+def test_names_are_relative_to_the_corpus_root(tmp_path, monkeypatch, patterns, names):
+  for path in ("a/1.txt", "a/b/2.txt", "c/3.txt"):
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(path)
+  monkeypatch.chdir(tmp_path)  # relative patterns name the same files
+  for given in (patterns, [str(tmp_path / p) for p in patterns]):
+    assert [name for name, _ in data.load_documents(given)] == names
+
+
+def test_a_corpus_copied_elsewhere_splits_the_same(tmp_path):
+  write_documents(tmp_path / "one/corpus/deep", [50] * 20)
+  (tmp_path / "two").mkdir()
+  shutil.copytree(tmp_path / "one/corpus", tmp_path / "two/elsewhere")
+  corpora = [data.Corpus(data.DataConfig(source=str(root / "**/*.txt"), seq_len=8, batch_size=2))
+             for root in (tmp_path / "one/corpus", tmp_path / "two/elsewhere")]
+  assert corpora[0].validation_names == corpora[1].validation_names
+  assert corpora[0].validation_names == ["deep/doc_04.txt", "deep/doc_16.txt"]
+  np.testing.assert_array_equal(corpora[0].train_windows, corpora[1].train_windows)
 
 
 @pytest.mark.skipif(not SHARED_SHAKESPEARE.is_dir(), reason="no shared Shakespeare copy")

@@ -84,9 +84,10 @@ def test_tpu_pod_config_lowers_on_256_abstract_devices():
 import jax
 jax.config.update("jax_num_cpu_devices", 256)
 from mhc_jax.lm import presets
+from mhc_jax.lm.train_state import Trainer
 cfg, _ = presets.parse(["tpu_pod_mhc.gin"])
 trainer = Trainer(cfg["model"], cfg["optimizer"], cfg["mesh"], cfg["loop"],
-                    cfg["data"].batch_size)
+                  cfg["data"].batch_size)
 lowered = trainer.lower_train_step(cfg["data"].seq_len, cfg["data"].batch_size)
 print(trainer.num_params, dict(trainer.mesh.shape), len(lowered.as_text()) > 0)
 """
@@ -100,22 +101,18 @@ print(trainer.num_params, dict(trainer.mesh.shape), len(lowered.as_text()) > 0)
 
 
 def test_diagnostics_come_from_the_training_forward_pass(tmp_path, corpus):
+  """HC's unconstrained gains, per sub-layer; mHC's bounded ones are checked in
+  test_train_state.py's run, which logs diagnostics too."""
   loop = LoopConfig(steps=4, eval_every=4, eval_batches=1, checkpoint_every=1000, log_every=4,
                     diagnostics_every=2, sample_tokens=0)
-  for residual, bounded in (("mhc", True), ("hc", False)):
-    history = train(str(tmp_path / residual), model=tiny_model(residual=residual),
-                    data=DataConfig(source=corpus, seq_len=32, batch_size=8), loop=loop,
-                    devices=jax.devices()[:1], progress=False)
-    assert [row["step"] for row in history] == [2, 4]
-    row = history[-1]
-    sublayers = [k for k in row if k.startswith("forward_gain/") and k != "forward_gain/max"]
-    assert len(sublayers) == 4  # 2 layers x (attention, MLP)
-    if bounded:  # rows of a Sinkhorn output sum to 1 exactly, and so do their products
-      assert abs(row["forward_gain/max"] - 1) < 1e-5
-      assert abs(row["composite_forward_gain/max"] - 1) < 1e-4
-      assert row["doubly_stochastic_error/max"] < 0.05
-    else:
-      assert row["forward_gain/max"] > 0 and np.isfinite(row["composite_backward_gain/03"])
+  history = train(str(tmp_path), model=tiny_model(residual="hc"),
+                  data=DataConfig(source=corpus, seq_len=32, batch_size=8), loop=loop,
+                  devices=jax.devices()[:1], progress=False)
+  assert [row["step"] for row in history] == [2, 4]
+  row = history[-1]
+  sublayers = [k for k in row if k.startswith("forward_gain/") and k != "forward_gain/max"]
+  assert len(sublayers) == 4  # 2 layers x (attention, MLP)
+  assert row["forward_gain/max"] > 0 and np.isfinite(row["composite_backward_gain/03"])
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

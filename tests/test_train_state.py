@@ -37,7 +37,8 @@ def traced_once(monkeypatch):
 
 def test_a_run_traces_each_step_once(traced_once, tmp_path, corpus):
   """Steps around evaluations, checkpoints and diagnostics, and the steps after a resume,
-  all reuse the programs traced for the first ones."""
+  all reuse the programs traced for the first ones; the diagnostics steps log mHC's gains
+  from the training forward pass."""
   data = DataConfig(source=corpus, seq_len=16, batch_size=4)
   loop = LoopConfig(steps=6, eval_every=2, eval_batches=1, checkpoint_every=2, log_every=1,
                     diagnostics_every=3, sample_tokens=0)
@@ -49,7 +50,13 @@ def test_a_run_traces_each_step_once(traced_once, tmp_path, corpus):
   rows += train(str(tmp_path), model=model, data=data, loop=loop, devices=jax.devices()[:1],
                 progress=False)
   assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
-  assert "forward_gain/max" in rows[2] and "forward_gain/max" in rows[5]
+  for row in rows[2], rows[5]:  # the diagnostics steps, before and after the resume
+    sublayers = [k for k in row if k.startswith("forward_gain/") and k != "forward_gain/max"]
+    assert len(sublayers) == 2  # 1 layer x (attention, MLP)
+    # Rows of a Sinkhorn output sum to 1 exactly, and so do their products.
+    assert abs(row["forward_gain/max"] - 1) < 1e-5
+    assert abs(row["composite_forward_gain/max"] - 1) < 1e-4
+    assert row["doubly_stochastic_error/max"] < 0.05
 
 
 def test_pallas_sinkhorn_in_a_sharded_train_step_matches_xla():

@@ -1,57 +1,52 @@
-"""Byte-level language-model data: tokenizer, corpora, document split, packing, iterators.
+"""Language-model data: corpora, document split, packing, iterators.
 
-Token ids 0..255 are byte values, then two specials: `EOS` ends every document in the
-packed stream, `PAD` is reserved. A `Corpus` loads documents (text files, or the complete
-works of Shakespeare), splits them by document into train and validation, and packs each
-split into windows of `seq_len + 1` tokens; an example is `inputs = window[:-1]`,
-`targets = window[1:]`.
+Two sources. In memory (the byte tokenizer of `tokenizer.py`): a `Corpus` loads documents
+(text files, or the complete works of Shakespeare), splits them by document into train and
+validation, and packs each split into windows of `seq_len + 1` tokens. Streamed
+("arrayrecord:DIR", a corpus `mhc-prepare-data` wrote, any tokenizer): the split was made
+when it was prepared, and windows are cut from its shards on demand (`arrayrecord.py`).
+Either way each split is one stream of documents, each followed by EOS, cut into windows
+that do not overlap; an example is `inputs = window[:-1]`, `targets = window[1:]`.
 
-Training batches come from a grain iterator (infinite, reshuffled every epoch, resumable
-through `get_state` / `set_state` or orbax's `grain.checkpoint`); validation batches are the
-validation windows in order. With `shard_count` processes, each takes its own contiguous
-rows of every global batch.
+Training batches come from one grain iterator for both sources (infinite, reshuffled every
+epoch, resumable through `get_state` / `set_state` or orbax's `grain.checkpoint`);
+validation batches are the validation windows in order. With `shard_count` processes, each
+takes its own contiguous rows of every global batch.
 """
 
 import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import os
 import pathlib
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import grain
 import numpy as np
 
 from mhc_jax.checks import check_int
+from mhc_jax.lm import arrayrecord
 from mhc_jax.lm.shakespeare import SHAKESPEARE, shakespeare_files
+# The byte tokenizer's names stay importable from here, where they used to live.
+from mhc_jax.lm.tokenizer import (  # noqa: F401
+    EOS, PAD, VOCAB_SIZE, ByteTokenizer, Tokenizer, decode, encode)
 
-EOS = 256
-PAD = 257
-VOCAB_SIZE = 258
+ARRAYRECORD = "arrayrecord:"
 
 Document = tuple[str, bytes]
 Batch = dict[str, np.ndarray]
 
 
-# Tokenizer.
+class Windows(Protocol):
+  """Windows of one split: an int32 `[num_windows, seq_len + 1]` array, or anything that
+  indexes like one by an index array or a slice (`arrayrecord.TokenWindows`)."""
 
+  def __len__(self) -> int: ...
 
-def encode(text: str | bytes) -> np.ndarray:
-  """`str` (as UTF-8) or bytes -> int32 `[num_bytes]`, one token per byte."""
-  if isinstance(text, str):
-    text = text.encode("utf-8")
-  if not isinstance(text, bytes | bytearray | memoryview):
-    raise TypeError(f"encode takes str or bytes, got {type(text).__name__}")
-  return np.frombuffer(text, np.uint8).astype(np.int32)
-
-
-def decode(ids: Sequence[int] | np.ndarray) -> str:
-  """Token ids `[n]` -> text: bytes as UTF-8 (invalid ones replaced), specials dropped."""
-  ids = np.asarray(ids).reshape(-1)
-  if ids.size and (ids.min() < 0 or ids.max() >= VOCAB_SIZE):
-    raise ValueError(f"token ids must lie in [0, {VOCAB_SIZE}), got {ids.min()}..{ids.max()}")
-  return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+  def __getitem__(self, index: np.ndarray | slice) -> np.ndarray: ...
 
 
 # Configuration.
@@ -61,11 +56,13 @@ def decode(ids: Sequence[int] | np.ndarray) -> str:
 class DataConfig:
   """What a `Corpus` is built from.
 
-  source: "shakespeare", or a path / glob, or a tuple of them (each file is one document).
+  source: "shakespeare", or a path / glob, or a tuple of them (each file is one document),
+    or "arrayrecord:DIR", a corpus prepared by `mhc-prepare-data`.
   seq_len: tokens per example.
   batch_size: the global batch (rows over all processes together).
-  validation_fraction: share of the documents held out, in [0, 1).
-  seed: fixes the split and the training order.
+  validation_fraction: share of the documents held out, in [0, 1) (a prepared corpus was
+    split when it was prepared: there it is unused).
+  seed: fixes the split (of an in-memory source) and the training order.
   """
 
   source: str | tuple[str, ...] = SHAKESPEARE
@@ -103,12 +100,19 @@ def _check_shard(batch_size: int, shard_index: int, shard_count: int):
 
 
 def load_documents(source: str | Sequence[str]) -> list[Document]:
-  """`(name, raw bytes)` per file, sorted by name; "shakespeare" or paths / globs."""
+  """`(name, raw bytes)` per file, sorted by name; "shakespeare" or paths / globs.
+
+  A file's name is its path relative to the corpus root (see `corpus_root`), so a corpus
+  copied to another folder keeps its names, and with them its split.
+  """
   if source == SHAKESPEARE:
     paths = {p.name: p for p in shakespeare_files()}
   else:
-    paths = {path: path for path in _match_paths(
-        (source,) if isinstance(source, str) else tuple(source))}
+    patterns = (source,) if isinstance(source, str) else tuple(source)
+    files = _match_paths(patterns)
+    root = corpus_root([os.path.abspath(os.path.expanduser(p)) for p in patterns],
+                       os.path.isfile)
+    paths = {os.path.relpath(os.path.abspath(path), root): path for path in files}
   documents = [(name, pathlib.Path(paths[name]).read_bytes()) for name in sorted(paths)]
   if not any(data for _, data in documents):
     raise ValueError(f"corpus is empty: {len(documents)} file(s) of 0 bytes from {source!r}")
@@ -132,6 +136,21 @@ def _match_paths(patterns: tuple[str, ...]) -> list[str]:
   return list(by_file.values())
 
 
+def glob_root(pattern: str, is_file: bool) -> str:
+  """The folder a path or glob's matches are named relative to: a file's own folder, else
+  the pattern's leading components before the first with glob characters
+  ("/data/**/x*.txt" -> "/data"). Patterns are absolute, "/"-separated."""
+  if is_file or not glob.has_magic(pattern):
+    return os.path.dirname(pattern)
+  fixed = itertools.takewhile(lambda part: not glob.has_magic(part), pattern.split("/"))
+  return "/".join(fixed) or "/"
+
+
+def corpus_root(patterns: Sequence[str], is_file) -> str:
+  """The common folder of the patterns' roots (`is_file(pattern) -> bool`)."""
+  return os.path.commonpath([glob_root(p, is_file(p)) for p in patterns])
+
+
 # Split and packing.
 
 
@@ -140,23 +159,31 @@ def split_documents(documents: Sequence[Document], validation_fraction: float,
   """`(train, validation)`, each sorted by name; the same names and seed give the same split.
 
   `round(validation_fraction * n)` documents are held out, at least one when there are two
-  or more documents and the fraction is positive, and never all of them. A document's turn
-  comes from a hash of the seed and its name, so the split outlives numpy's RNG changes.
+  or more documents and the fraction is positive, and never all of them: those whose
+  `split_key` is below `split_threshold` (`mhc-prepare-data` splits by the same rule).
   """
-  _check_fraction(validation_fraction)
-  n = len(documents)
-  num_validation = 0
-  if n >= 2 and validation_fraction > 0:
-    num_validation = min(n - 1, max(1, round(validation_fraction * n)))
-  by_hash = sorted(documents, key=lambda doc: _split_key(doc[0], seed))
-  held_out = {name for name, _ in by_hash[:num_validation]}
-  train = sorted(doc for doc in documents if doc[0] not in held_out)
-  validation = sorted(doc for doc in documents if doc[0] in held_out)
+  keys = np.array([split_key(name, seed) for name, _ in documents], np.uint64)
+  held_out = keys < split_threshold(keys, validation_fraction)
+  train = sorted(doc for doc, out in zip(documents, held_out) if not out)
+  validation = sorted(doc for doc, out in zip(documents, held_out) if out)
   return train, validation
 
 
-def _split_key(name: str, seed: int) -> bytes:
-  return hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).digest()
+def split_key(name: str, seed: int) -> int:
+  """A document's turn to be held out: a hash of the seed and its name, so the split
+  outlives numpy's RNG changes."""
+  digest = hashlib.sha256(f"{seed}\0{name}".encode("utf-8", "surrogateescape")).digest()
+  return int.from_bytes(digest[:8], "big")
+
+
+def split_threshold(keys: np.ndarray, validation_fraction: float) -> int:
+  """uint64 `[n]` keys -> t such that the documents with key < t are held out."""
+  _check_fraction(validation_fraction)
+  n = len(keys)
+  if n < 2 or validation_fraction == 0:
+    return 0
+  num_validation = min(n - 1, max(1, round(validation_fraction * n)))
+  return int(np.partition(keys, num_validation)[num_validation])
 
 
 def num_tokens(documents: Sequence[Document]) -> int:
@@ -185,14 +212,16 @@ def _examples(windows: np.ndarray) -> Batch:
 # Iterators.
 
 
-def train_iterator(windows: np.ndarray, batch_size: int, seed: int, shard_index: int = 0,
-                   shard_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(windows: Windows, batch_size: int, seed: int, shard_index: int = 0,
+                   shard_count: int = 1, num_threads: int = 0) -> grain.DatasetIterator:
   """Endless batches, int32 `[batch_size // shard_count, seq_len]` inputs and targets.
 
   Window order is a grain shuffle of the seed, reshuffled every epoch; batches run across
   epoch boundaries so no window is ever dropped. The shuffle and batching act on indices,
   so each process gathers only its own rows `[shard_index * rows, (shard_index + 1) * rows)`
   of every global batch, and its iterator state is a position in that shared sequence.
+  `num_threads` read batches ahead (0 for windows in memory: threads would only contend
+  for the GIL).
   """
   check_int("batch_size", batch_size)
   _check_shard(batch_size, shard_index, shard_count)
@@ -205,11 +234,10 @@ def train_iterator(windows: np.ndarray, batch_size: int, seed: int, shard_index:
              .repeat()
              .batch(batch_size, drop_remainder=True)
              .map(functools.partial(_gather, windows, own_rows)))
-  # The windows are in memory: reading threads would only contend for the GIL.
-  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0)))
+  return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
 
-def _gather(windows: np.ndarray, own_rows: slice, indices: np.ndarray) -> Batch:
+def _gather(windows: Windows, own_rows: slice, indices: np.ndarray) -> Batch:
   return _examples(windows[indices[own_rows]])
 
 
@@ -221,7 +249,7 @@ class ValidationBatches:
   batch (trimmed to a multiple of `shard_count` so every process gets the same rows).
   """
 
-  windows: np.ndarray
+  windows: Windows
   batch_size: int
   max_batches: int | None = None
   shard_index: int = 0
@@ -254,31 +282,62 @@ class ValidationBatches:
 
 
 class Corpus:
-  """Documents loaded, split and packed once from a `DataConfig`.
+  """A `DataConfig`'s corpus: documents loaded, split and packed once, or a prepared corpus
+  ("arrayrecord:DIR") read on demand.
 
-  train_windows:      int32 `[num_train_windows, seq_len + 1]`
-  validation_windows: int32 `[num_validation_windows, seq_len + 1]` (may be empty: a
-                      single document, `validation_fraction=0`, or held-out documents
-                      shorter than one window together)
+  train_windows:      `Windows` int32 `[num_train_windows, seq_len + 1]`
+  validation_windows: `Windows` int32 `[num_validation_windows, seq_len + 1]` (may be
+                      empty: a single document, `validation_fraction=0`, or held-out
+                      documents shorter than one window together)
+  train_names, validation_names: the documents of each split (in-memory sources only; a
+                      prepared corpus has None)
+  tokenizer:          its `vocab_size`, `eos_id`, `encode`, `decode`
   """
 
   def __init__(self, config: DataConfig):
     self.config = config
-    documents = load_documents(config.source)
-    train, validation = split_documents(documents, config.validation_fraction, config.seed)
-    self.train_names = [name for name, _ in train]
-    self.validation_names = [name for name, _ in validation]
-    self.train_windows = _read_only(pack(train, config.seq_len))
-    self.validation_windows = _read_only(pack(validation, config.seq_len))
+    if isinstance(config.source, str) and config.source.startswith(ARRAYRECORD):
+      directory = config.source[len(ARRAYRECORD):]
+      if not directory:  # what the pod presets leave for the user to fill in
+        raise ValueError(f"DataConfig.source {config.source!r} names no corpus: prepare one "
+                         f"with mhc-prepare-data and set DataConfig.source = "
+                         f"'{ARRAYRECORD}/path/to/it'")
+      prepared = arrayrecord.PreparedCorpus(directory, config.seq_len)
+      self.tokenizer: Tokenizer = prepared.tokenizer
+      self.train_names = self.validation_names = None
+      self.train_windows, self.validation_windows = prepared.train, prepared.validation
+      self._read_threads, train_tokens = arrayrecord.READ_THREADS, prepared.train.num_tokens
+    else:
+      documents = load_documents(config.source)
+      train, validation = split_documents(documents, config.validation_fraction, config.seed)
+      self.tokenizer = ByteTokenizer()
+      self.train_names = [name for name, _ in train]
+      self.validation_names = [name for name, _ in validation]
+      self.train_windows = _read_only(pack(train, config.seq_len))
+      self.validation_windows = _read_only(pack(validation, config.seq_len))
+      self._read_threads, train_tokens = 0, num_tokens(train)
     if len(self.train_windows) == 0:
-      raise ValueError(f"train split has {num_tokens(train)} tokens, one sequence needs "
+      raise ValueError(f"train split has {train_tokens} tokens, one sequence needs "
                        f"seq_len + 1 = {config.seq_len + 1}")
+
+  @property
+  def vocab_size(self) -> int:
+    """Token ids lie in [0, vocab_size): `ModelConfig.vocab_size` must equal it."""
+    return self.tokenizer.vocab_size
+
+  def encode(self, text: str) -> np.ndarray:
+    """Text -> int32 `[n]` token ids (no EOS)."""
+    return self.tokenizer.encode(text)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Token ids `[n]` -> text, special tokens dropped."""
+    return self.tokenizer.decode(ids)
 
   def train_iterator(self, shard_index: int = 0,
                      shard_count: int = 1) -> grain.DatasetIterator:
     """Endless shuffled batches; see the module function `train_iterator`."""
     return train_iterator(self.train_windows, self.config.batch_size, self.config.seed,
-                          shard_index, shard_count)
+                          shard_index, shard_count, self._read_threads)
 
   def validation_batches(self, max_batches: int | None = None, shard_index: int = 0,
                          shard_count: int = 1) -> ValidationBatches:

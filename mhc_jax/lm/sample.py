@@ -1,5 +1,7 @@
 """Sampling from a trained model, to see what it learned."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,13 @@ from mhc_jax.lm.data import decode, encode
 
 
 def sample_text(model, prompt: str, *, num_tokens: int, context: int, temperature: float = 0.8,
-                seed: int = 0) -> str:
-  """Continues `prompt` by `num_tokens` bytes, re-reading the last `context` tokens each step
-  (no KV cache: these models are small and this runs once per training run)."""
+                seed: int = 0, encode: Callable[[str], np.ndarray] = encode,
+                decode: Callable[[list[int]], str] = decode) -> str:
+  """Continues `prompt` by `num_tokens` tokens, re-reading the last `context` tokens each step
+  (no KV cache: these models are small and this runs once per training run).
+
+  `encode` / `decode`: the corpus's tokenizer (`Corpus.encode`, `Corpus.decode`); bytes by
+  default."""
   tokens = list(encode(prompt))
   key = jax.random.key(seed)
   # The model goes in as an argument, not a closure: its scanned layers split the module

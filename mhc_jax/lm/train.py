@@ -111,6 +111,10 @@ def train(workdir: str,
   check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
   check_workdir(workdir)
   corpus = Corpus(data)
+  if model.vocab_size != corpus.vocab_size:  # larger would train rows no token reaches
+    raise ValueError(f"ModelConfig.vocab_size is {model.vocab_size}, the corpus {data.source!r} "
+                     f"has {corpus.vocab_size} tokens: set ModelConfig.vocab_size = "
+                     f"{corpus.vocab_size}")
   trainer = Trainer(model, optimizer, mesh, loop, data.batch_size, devices)
   flops_per_token = model_flops_per_token(model, data.seq_len)
   peak_flops = peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind)
@@ -212,7 +216,7 @@ def train(workdir: str,
     if loop.sample_tokens and last == loop.steps:
       model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
       text = sample_text(model_, loop.sample_prompt, num_tokens=loop.sample_tokens,
-                         context=data.seq_len)
+                         context=data.seq_len, encode=corpus.encode, decode=corpus.decode)
       print(f"sample after {last} steps:\n{text}", flush=True)
   return history
 
