@@ -384,6 +384,22 @@ def test_training_reads_the_prepared_corpus(tmp_path, texts, bpe):
   assert history[0]["train_loss"] < np.log(400) + 1
 
 
+def test_a_vocabulary_that_disagrees_is_one_line_before_compiling(tmp_path, texts, bpe):
+  out = tmp_path / "corpus"
+  metadata, _ = prepare_data.prepare(str(out), [str(texts / "**/*.txt")], str(bpe))
+  with pytest.raises(ValueError, match=rf"set ModelConfig.vocab_size = {metadata['vocab_size']}$"):
+    train(str(tmp_path / "run"), model=ModelConfig(d_model=32, num_layers=1, num_heads=2,
+                                                   mlp_dim=64, vocab_size=258),
+          data=data.DataConfig(source=f"arrayrecord:{out}", seq_len=16, batch_size=4),
+          devices=jax.devices()[:1], progress=False)
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_preset_without_a_corpus_says_what_to_set():
+  with pytest.raises(ValueError, match="names no corpus: prepare one with mhc-prepare-data"):
+    data.Corpus(data.DataConfig(source="arrayrecord:"))
+
+
 def test_paths_as_given_are_relative_to_the_root():
   assert data.glob_root("/a/b/**/c*.txt", False) == "/a/b"
   assert data.glob_root("/a/b/c.txt", True) == "/a/b"
