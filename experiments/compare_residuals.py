@@ -9,10 +9,10 @@ what to compare. Every (variant, seed) trains with `mhc_jax.lm.train.train` in
 `OUT/runs/<variant>_seed<k>/`, with `ModelConfig.residual` = the variant and, for the stream
 variants, `Comparison.num_streams` streams.
 
-Seed k sets `LoopConfig.seed` (the initialisation) and `DataConfig.seed`: the data order varies
-with the seed and is identical across variants. `DataConfig.seed` also fixes the train /
-validation split, so each seed has its own validation documents; differences between variants
-at one seed are paired, and the report gives them next to the plain means.
+Seed k sets `LoopConfig.seed` (the initialisation) and `DataConfig.seed` (the data order):
+both vary with the seed and are identical across variants. The validation documents are the
+same for every run (`DataConfig.split_seed`, untouched by the seeds); differences between
+variants at one seed are paired, and the report gives them next to the plain means.
 
 A run whose metrics and latest checkpoint both reached the last step is reused; an unfinished
 one resumes where it stopped. A workdir trained with other configs is an error, not reused.
@@ -273,8 +273,8 @@ def settings_summary(settings: Settings, preset: str) -> dict:
   return {
       "preset": preset,
       **dataclasses.asdict(comparison),
-      "each seed sets": "LoopConfig.seed (initialisation) and DataConfig.seed (data order, "
-                        "validation split)",
+      "each seed sets": "LoopConfig.seed (initialisation) and DataConfig.seed (data order); "
+                        "the validation split is DataConfig.split_seed's for every run",
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
       "jax": jax.__version__,
       **configs,

@@ -184,6 +184,19 @@ def test_examples_are_next_token_pairs_of_train_windows(tmp_path):
 # Training iterator.
 
 
+def test_seed_orders_the_data_and_split_seed_alone_picks_the_validation_set(tmp_path):
+  def corpus(**seeds):
+    return make_corpus(tmp_path, lengths=(40,) * 20, validation_fraction=0.25, **seeds)
+
+  base, reordered, resplit = corpus(), corpus(seed=1), corpus(split_seed=1)
+  assert reordered.validation_names == base.validation_names
+  np.testing.assert_array_equal(reordered.validation_windows, base.validation_windows)
+  first = lambda c: next(c.train_iterator())["inputs"]
+  assert not np.array_equal(first(reordered), first(base))
+  assert resplit.validation_names != base.validation_names
+  assert len(resplit.validation_names) == len(base.validation_names) == 5
+
+
 def test_train_order_is_deterministic_per_seed_and_differs_across_seeds(tmp_path):
   corpus = make_corpus(tmp_path, lengths=(16,) * 12, seq_len=16, batch_size=4)
   windows = corpus.train_windows

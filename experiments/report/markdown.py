@@ -55,9 +55,10 @@ def markdown(summary: dict) -> str:
       "",
       *_table(summary),
       "",
-      "Mean ± sample standard deviation (ddof 1) over seeds. The data order and the validation "
-      "split follow the seed and are the same for every variant, so *Δ vs prenorm* (variant "
-      "minus prenorm at the same seed) is the paired difference. Gains: the largest over "
+      "Mean ± sample standard deviation (ddof 1) over seeds. The initialisation and the data "
+      "order follow the seed and are the same for every variant, and every run is evaluated on "
+      "the same validation documents, so *Δ vs prenorm* (variant minus prenorm at the same "
+      "seed) is the paired difference. Gains: the largest over "
       "sub-layers, tokens and seeds at the last diagnostics step (1 for doubly-stochastic "
       "H_res). Tokens/s: median over logged steps (shared machines make it noisy).",
       "",

@@ -78,7 +78,7 @@ def summarize(runs: list[Run], settings: dict) -> dict:
              "tokens_per_sec_median": float(np.median(np.concatenate(
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
     if BASELINE in final and variant != BASELINE:
-      # Same seed, same data and validation split: the difference cancels what they share.
+      # Same seed, same data order and validation set: the difference cancels what they share.
       entry[f"eval_loss_minus_{BASELINE}"] = mean_std(
           [final[variant][s] - final[BASELINE][s] for s in final[variant]])
     if has_streams(group):

@@ -62,7 +62,10 @@ class DataConfig:
   batch_size: the global batch (rows over all processes together).
   validation_fraction: share of the documents held out, in [0, 1) (a prepared corpus was
     split when it was prepared: there it is unused).
-  seed: fixes the split (of an in-memory source) and the training order.
+  seed: fixes the training order (the shuffle of the windows, every epoch).
+  split_seed: fixes which documents an in-memory source holds out (a prepared corpus was
+    split by `mhc-prepare-data --seed`), apart from `seed`, so that runs over several seeds
+    are evaluated on one validation set.
   """
 
   source: str | tuple[str, ...] = SHAKESPEARE
@@ -70,6 +73,7 @@ class DataConfig:
   batch_size: int = 16
   validation_fraction: float = 0.1
   seed: int = 0
+  split_seed: int = 0
 
   def __post_init__(self):
     if not isinstance(self.source, str):
@@ -79,8 +83,10 @@ class DataConfig:
     check_int("batch_size", self.batch_size)
     _check_fraction(self.validation_fraction)
     # grain's shuffle takes only this range; fail before the corpus is loaded.
-    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-      raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+    for name in ("seed", "split_seed"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise ValueError(f"{name} must be an int in [0, 2**32), got {value!r}")
 
 
 def _check_fraction(validation_fraction: float):
@@ -309,7 +315,8 @@ class Corpus:
       self._read_threads, train_tokens = arrayrecord.READ_THREADS, prepared.train.num_tokens
     else:
       documents = load_documents(config.source)
-      train, validation = split_documents(documents, config.validation_fraction, config.seed)
+      train, validation = split_documents(documents, config.validation_fraction,
+                                          config.split_seed)
       self.tokenizer = ByteTokenizer()
       self.train_names = [name for name, _ in train]
       self.validation_names = [name for name, _ in validation]
