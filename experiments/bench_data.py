@@ -14,6 +14,7 @@
 """
 
 import argparse
+import glob
 import math
 import os
 import pathlib
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from mhc_jax.lm import data, prepare_data
+from mhc_jax.lm import data, prepare_data, tokenizer
 from mhc_jax.lm.flops import model_flops_per_token, peak_flops_per_device
 from mhc_jax.lm.presets import parse
 
@@ -42,24 +43,9 @@ def write_verse(directory: pathlib.Path, megabytes: float, seed: int = 0) -> str
   return str(directory / "*.txt")
 
 
-def train_bpe(pattern: str, path: pathlib.Path) -> str:
-  import glob
-
-  import tokenizers
-  model = tokenizers.Tokenizer(tokenizers.models.BPE())
-  model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  model.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=8192, special_tokens=["</s>"], show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  model.train(sorted(glob.glob(pattern))[:2], trainer)
-  model.save(str(path))
-  return str(path)
-
-
-def prepare_rate(out: pathlib.Path, pattern: str, tokenizer: str, workers: int) -> float:
+def prepare_rate(out: pathlib.Path, pattern: str, tokenizer_spec: str, workers: int) -> float:
   start = time.perf_counter()
-  metadata, _ = prepare_data.prepare(str(out), [pattern], tokenizer, workers=workers)
+  metadata, _ = prepare_data.prepare(str(out), [pattern], tokenizer_spec, workers=workers)
   elapsed = time.perf_counter() - start
   return sum(s["tokens"] for s in metadata["splits"].values()) / elapsed
 
@@ -102,7 +88,8 @@ def main(argv=None):
     tmp = pathlib.Path(tmp)
     text = write_verse(tmp / "text", args.megabytes)
     bpe_text = write_verse(tmp / "bpe_text", args.bpe_megabytes, seed=1)
-    bpe = train_bpe(bpe_text, tmp / "tokenizer.json")
+    sample = (pathlib.Path(p).read_text() for p in sorted(glob.glob(bpe_text))[:2])
+    bpe = str(tokenizer.train_bpe(sample, 8192, tmp / "tokenizer.json"))
     rows = [("prepare, bytes", prepare_rate(tmp / "bytes", text, "bytes", args.workers)),
             ("prepare, BPE 8192", prepare_rate(tmp / "bpe", bpe_text, bpe, args.workers)),
             ("load, bytes, one host", loader_rate(tmp / "bytes", pod, args.hosts, args.seconds))]

@@ -41,17 +41,8 @@ def texts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory, texts):
   """A byte-level BPE of 400 tokens trained on the texts, with "</s>"; its tokenizer.json."""
-  import tokenizers
-  model = tokenizers.Tokenizer(tokenizers.models.BPE())
-  model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  model.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["</s>"], show_progress=False,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  model.train_from_iterator((p.read_text() for p in sorted(texts.glob("deep/*.txt"))), trainer)
-  path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-  model.save(str(path))
-  return path
+  return tokenizer.train_bpe((p.read_text() for p in sorted(texts.glob("deep/*.txt"))), 400,
+                             tmp_path_factory.mktemp("bpe") / "tokenizer.json")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ Both expose `vocab_size`, `eos_id`, `encode(text) -> int32 [n]` (no EOS appended
 """
 
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -56,11 +56,7 @@ class HuggingFaceTokenizer:
   kind = HUGGINGFACE
 
   def __init__(self, path: str | pathlib.Path, eos_token: str | None = None):
-    try:
-      import tokenizers
-    except ImportError:
-      raise ValueError("--tokenizer PATH needs the tokenizers package: "
-                       "pip install 'mhc-jax[data]'") from None
+    tokenizers = _tokenizers()
     self.path = pathlib.Path(path)
     try:
       self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
@@ -98,6 +94,31 @@ class HuggingFaceTokenizer:
 
 
 Tokenizer = ByteTokenizer | HuggingFaceTokenizer
+
+
+def _tokenizers():
+  """The optional `tokenizers` package, imported where a tokenizer.json is used."""
+  try:
+    import tokenizers
+  except ImportError:
+    raise ValueError("a tokenizer.json needs the tokenizers package: "
+                     "pip install 'mhc-jax[data]'") from None
+  return tokenizers
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, path: pathlib.Path) -> pathlib.Path:
+  """Trains a byte-level BPE of `vocab_size` tokens (EOS "</s>") on `texts` and saves its
+  tokenizer.json at `path`: a corpus tokenizer for experiments and tests, no download."""
+  tokenizers = _tokenizers()
+  model = tokenizers.Tokenizer(tokenizers.models.BPE())
+  model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  model.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=vocab_size, special_tokens=["</s>"], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  model.train_from_iterator(texts, trainer)
+  model.save(str(path))
+  return path
 
 
 def load_tokenizer(spec: str, eos_token: str | None = None) -> Tokenizer:
