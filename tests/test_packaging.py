@@ -71,7 +71,7 @@ def venv(wheel, tmp_path_factory) -> pathlib.Path:
   return venv
 
 
-def test_wheel_holds_every_package_file_and_every_preset(wheel):
+def check_wheel_holds_every_package_file_and_every_preset(wheel):
   with zipfile.ZipFile(wheel) as archive:
     names = set(archive.namelist())
   shipped = sorted(name.removeprefix(SHIPPED_PRESETS) for name in names
@@ -86,7 +86,10 @@ def test_wheel_holds_every_package_file_and_every_preset(wheel):
   assert shipped == presets.preset_names()
 
 
-def test_installed_wheel_trains_from_its_own_presets_outside_the_checkout(venv, corpus, tmp_path):
+def test_the_wheel_ships_everything_and_trains_outside_the_checkout(wheel, venv, corpus,
+                                                                    tmp_path):
+  """One test, so that the wheel is built once (xdist would give two tests two builds)."""
+  check_wheel_holds_every_package_file_and_every_preset(wheel)
   where = run([venv / "bin" / "python", "-c",  # where `import mhc_jax` would load it from
                "import importlib.util; print(importlib.util.find_spec('mhc_jax').origin)"],
               cwd=tmp_path, check=True).stdout.strip()
