@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mhc_jax.lm import data
+from mhc_jax.lm import data, tokenizer
 
 SHARED_SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/shakespeare"
 
@@ -43,35 +43,6 @@ def assert_batches_equal(a, b):
     assert x.keys() == y.keys() == {"inputs", "targets"}
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
-
-
-# Tokenizer.
-
-
-def test_vocabulary_constants():
-  assert (data.EOS, data.PAD, data.VOCAB_SIZE) == (256, 257, 258)
-
-
-@pytest.mark.parametrize("text", ["", "hello", "héllo wörld → 世界 🙂\n"])
-def test_text_round_trip_one_token_per_utf8_byte(text):
-  ids = data.encode(text)
-  assert ids.dtype == np.int32 and ids.shape == (len(text.encode("utf-8")),)
-  assert data.decode(ids) == text
-
-
-def test_arbitrary_bytes_are_tokens_and_invalid_utf8_decodes_with_replacement():
-  raw = bytes(range(256)) + b"\xff\xfe\x80abc"
-  ids = data.encode(raw)
-  np.testing.assert_array_equal(ids, list(raw))
-  assert bytes(ids.astype(np.uint8)) == raw
-  assert data.decode(data.encode(b"a\xffb")) == "a\ufffdb"
-
-
-def test_decode_drops_specials_and_rejects_ids_outside_the_vocabulary():
-  assert data.decode([104, data.EOS, 105, data.PAD]) == "hi"
-  assert data.decode(np.array([[104], [105]])) == "hi"
-  with pytest.raises(ValueError, match="token ids must lie in"):
-    data.decode([104, data.VOCAB_SIZE])
 
 
 # Sources.
@@ -159,7 +130,7 @@ def test_pack_windows_concatenate_back_to_the_stream():
   rng = np.random.default_rng(0)
   documents = [(f"d{i}", rng.integers(0, 256, size=n, dtype=np.uint8).tobytes())
                for i, n in enumerate([0, 5, 40, 1, 17])]
-  stream = np.concatenate([np.append(data.encode(raw), data.EOS) for _, raw in documents])
+  stream = np.concatenate([np.append(tokenizer.encode(raw), tokenizer.EOS) for _, raw in documents])
   assert len(stream) == 68
   windows = data.pack(documents, seq_len=9)
   assert windows.dtype == np.int32 and windows.shape == (6, 10)  # 68 // 10; tail of 8 dropped

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from mhc_jax.lm.residuals import RESIDUALS
-from mhc_jax.lm.model import ModelConfig, Transformer
+from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params
 from mhc_jax.site import SiteMixin
 from mhc_jax.lm.train_state import _h_res_per_sublayer, cross_entropy
 
@@ -160,4 +160,55 @@ def test_sown_h_res_comes_out_per_sub_layer_in_depth_order(residual, dynamic):
 def test_bad_settings_are_one_line(field, value, match):
   with pytest.raises(ValueError, match=match) as err:
     small(**{field: value})
+  assert "\n" not in str(err.value)
+
+
+def test_fields_for_foreign_checkpoints_default_to_this_projects_model():
+  cfg = small(residual="mhc")
+  spelled_out = dataclasses.replace(cfg, num_kv_heads=4, head_dim_override=8, qk_norm=False,
+                                    embed_scale=True, stream_reduction="sum")
+  default, explicit = (Transformer(c, rngs=nnx.Rngs(0)) for c in (cfg, spelled_out))
+  assert_trees_close(nnx.to_pure_dict(nnx.state(default)),
+                     nnx.to_pure_dict(nnx.state(explicit)), atol=0)
+  np.testing.assert_array_equal(default(tokens(4)), explicit(tokens(4)))
+
+
+def test_grouped_query_attention_with_own_head_dim_and_qk_norm_scans_like_unrolled():
+  # head_dim 12 * 4 heads != d_model 32; 2 kv heads; q/k norm; no embedding multiplier.
+  options = dict(num_kv_heads=2, head_dim_override=12, qk_norm=True, embed_scale=False,
+                 residual="mhc", stream_reduction="mean")
+  scanned, unrolled = (Transformer(small(scan_layers=s, **options), rngs=nnx.Rngs(0))
+                       for s in (True, False))
+  attn = scanned.blocks.attn
+  assert (attn.wq.shape, attn.wk.shape, attn.wv.shape, attn.wo.shape) == (
+      (3, 32, 4, 12), (3, 32, 2, 12), (3, 32, 2, 12), (3, 4, 12, 32))
+  assert attn.q_norm.scale.get_metadata()["logical_axes"] == ("layers", "head_dim")
+  np.testing.assert_allclose(scanned(tokens(5)), unrolled(tokens(5)), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("num_kv_heads", 3, r"num_kv_heads \(3\) must divide num_heads \(4\)"),
+    ("head_dim_override", 7, r"head dim \(7\) must be even for RoPE"),
+    ("qk_norm", 1, "qk_norm must be True or False, got 1"),
+    ("embed_scale", "yes", "embed_scale must be True or False, got 'yes'"),
+    ("stream_reduction", "max", "stream_reduction must be one of sum, mean; got 'max'"),
+])
+def test_bad_foreign_checkpoint_fields_are_one_line(field, value, match):
+  with pytest.raises(ValueError, match=match) as err:
+    small(**{field: value})
+  assert "\n" not in str(err.value)
+
+
+def test_from_params_moves_a_model_between_layouts_and_refuses_a_misshapen_array():
+  unrolled = Transformer(small(scan_layers=False, residual="hc"), rngs=nnx.Rngs(0))
+  top = {name: value for name, value in nnx.to_pure_dict(nnx.state(unrolled)).items()
+         if name != "blocks"}
+  layers = layer_params(unrolled)
+  scanned = from_params(small(residual="hc"), top, layers)
+  np.testing.assert_allclose(scanned(tokens(6)), unrolled(tokens(6)), atol=1e-6, rtol=0)
+  assert_trees_close(layer_params(scanned), layers, atol=0)
+  layers[1]["mlp"]["w_up"] = layers[1]["mlp"]["w_up"][:, :-1]
+  with pytest.raises(ValueError, match=r"parameter blocks/1/mlp/w_up has shape \(32, 63\), "
+                     r"the model's is \(32, 64\)") as err:
+    from_params(unrolled.cfg, top, layers)
   assert "\n" not in str(err.value)

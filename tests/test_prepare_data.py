@@ -103,10 +103,10 @@ def test_shards_match_metadata_and_bytes_round_trip(prepared, texts):
     meta = metadata["splits"][split]
     for shard in meta["shards"]:
       assert arrayrecord.sha256_file(prepared / shard["file"]) == shard["sha256"]
-    docs, stream = documents_of(prepared, split, data.EOS)
+    docs, stream = documents_of(prepared, split, tokenizer.EOS)
     assert len(stream) == meta["tokens"] and meta["documents"] == len(names) == len(docs)
     assert all(len(r) <= metadata["record_tokens"] for r in records(prepared, split))
-    assert [data.decode(doc).encode() for doc in docs] == [originals[n] for n in names]
+    assert [tokenizer.decode(doc).encode() for doc in docs] == [originals[n] for n in names]
 
 
 def test_bpe_corpus_from_jsonl_round_trips(tmp_path, texts, bpe):

@@ -6,11 +6,13 @@ The hyper-connection library itself is `mhc_jax`; this package is one model buil
 """
 
 from mhc_jax.lm.data import DataConfig
+from mhc_jax.lm.hf import load_hf_checkpoint
 from mhc_jax.lm.model import ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.retrofitting import retrofit
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train_state import LoopConfig
 
 # `train` stays in `mhc_jax.lm.train`: exported here, the function would hide its module.
 __all__ = ["DataConfig", "LoopConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
-           "Transformer"]
+           "Transformer", "load_hf_checkpoint", "retrofit"]

@@ -30,9 +30,7 @@ import numpy as np
 from mhc_jax.checks import check_int
 from mhc_jax.lm import arrayrecord
 from mhc_jax.lm.shakespeare import SHAKESPEARE, shakespeare_files
-# The byte tokenizer's names stay importable from here, where they used to live.
-from mhc_jax.lm.tokenizer import (  # noqa: F401
-    EOS, PAD, VOCAB_SIZE, ByteTokenizer, Tokenizer, decode, encode)
+from mhc_jax.lm.tokenizer import EOS, ByteTokenizer, Tokenizer, encode
 
 ARRAYRECORD = "arrayrecord:"
 

@@ -59,7 +59,8 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   PaLM's count (Chowdhery et al. 2022, appendix B), `6 N + 12 L H Q T`, plus the streams:
 
       N          parameters used in a matmul, once per token: attention q, k, v, o
-                 (4 d^2), MLP gate, up, down (3 d m) per layer, and the read-out (d V) even
+                 (2 d H Q + 2 d K Q with K kv heads: 4 d^2 for multi-head attention with
+                 H Q = d), MLP gate, up, down (3 d m) per layer, and the read-out (d V) even
                  when tied to the embedding; not the embedding lookup, not norm scales
       12 L H Q T attention logits and context over all T positions (L layers, H heads of
                  width Q), causal masking not discounted, as PaLM counts it
@@ -73,7 +74,8 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   the tanh / sigmoid of the coefficients, and the loss.
   """
   d, layers = cfg.d_model, cfg.num_layers
-  matmul_params = layers * (4 * d * d + 3 * d * cfg.mlp_dim) + d * cfg.vocab_size
+  attention_params = 2 * d * cfg.head_dim * (cfg.num_heads + cfg.kv_heads)
+  matmul_params = layers * (attention_params + 3 * d * cfg.mlp_dim) + d * cfg.vocab_size
   attention = 12 * layers * cfg.num_heads * cfg.head_dim * seq_len
   streams = 3 * 2 * layers * _site_forward_flops(cfg) if cfg.uses_streams else 0
   return float(6 * matmul_params + attention + streams)

@@ -1,7 +1,8 @@
 """A small decoder-only Transformer whose residual connection is the one thing that varies.
 
-Token embedding, RoPE causal multi-head attention, SwiGLU MLP, RMSNorm, optional tied
-embeddings. `residual` picks how each sub-layer (attention, MLP) is wired in:
+Token embedding, RoPE causal attention (multi-head, or grouped-query with `num_kv_heads`;
+optional per-head q/k RMSNorm as in Qwen3), SwiGLU MLP, RMSNorm, optional tied embeddings.
+`residual` picks how each sub-layer (attention, MLP) is wired in:
 
     prenorm   h = h + F(norm(h))                         the baseline
     postnorm  h = norm(h + F(h))
@@ -10,7 +11,8 @@ embeddings. `residual` picks how each sub-layer (attention, MLP) is wired in:
     mhc_lite  mHC with H_res a mixture of permutation matrices
 
 With streams, the embedding is copied into `num_streams` streams and summed back before the
-final norm. Everything else is identical across variants, so loss curves compare fairly.
+final norm (or averaged, `stream_reduction="mean"`, as a retrofitted model does: see
+`retrofitting.py`). Everything else is identical across variants, so loss curves compare fairly.
 
 Parameters are float32 and carry `logical_axes` metadata (see `sharding.py`); activations
 run in `dtype`; the hyper-connection coefficient path stays float32 whatever `dtype` is.
@@ -41,6 +43,7 @@ from mhc_jax.streams import expand_streams, reduce_streams
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LAYERS_AXIS = "layers"  # the logical axis of stacked (scanned) block parameters
 SITES = ("attn_site", "mlp_site")  # a Block's sub-layers' sites, in depth order
+STREAM_REDUCTIONS = ("sum", "mean")
 
 # The branches' matmul outputs, named so a remat policy can keep them (see REMAT_POLICIES).
 BRANCH_MATMULS = ("query", "key", "value", "attention_context", "attention_out", "mlp_gate",
@@ -78,6 +81,12 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "minimal"
   attention: str = "auto"
+  # For checkpoints from elsewhere (`hf.py`); the defaults are this project's own models.
+  num_kv_heads: int | None = None  # grouped-query attention; None: num_heads
+  head_dim_override: int | None = None  # None: d_model // num_heads
+  qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
+  embed_scale: bool = True  # multiply the looked-up embedding by sqrt(d_model)
+  stream_reduction: str = "sum"  # how streams become one before the final norm: sum, mean
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "num_streams",
@@ -85,12 +94,23 @@ class ModelConfig:
       check_int(name, getattr(self, name))
     if self.residual not in RESIDUALS:
       raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}; got {self.residual!r}")
-    if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
+    for name in ("num_kv_heads", "head_dim_override"):
+      if getattr(self, name) is not None:
+        check_int(name, getattr(self, name))
+    if self.num_heads % self.kv_heads:
+      raise ValueError(f"num_kv_heads ({self.kv_heads}) must divide num_heads "
                        f"({self.num_heads})")
-    if (self.d_model // self.num_heads) % 2:
-      raise ValueError(f"head dim d_model/num_heads = {self.d_model // self.num_heads} must be "
-                       "even for RoPE")
+    if self.head_dim_override is None and self.d_model % self.num_heads:
+      raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads "
+                       f"({self.num_heads}), or head_dim_override given")
+    if self.head_dim % 2:
+      raise ValueError(f"head dim ({self.head_dim}) must be even for RoPE")
+    for name in ("qk_norm", "embed_scale"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if self.stream_reduction not in STREAM_REDUCTIONS:
+      raise ValueError(f"stream_reduction must be one of {', '.join(STREAM_REDUCTIONS)}; got "
+                       f"{self.stream_reduction!r}")
     if self.dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
     if not isinstance(self.scan_layers, bool):
@@ -107,7 +127,11 @@ class ModelConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    return self.head_dim_override or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
 
   def attention_for(self, seq_len: int) -> str:
     """The attention implementation that runs: `attention`, or for "auto" the platform's
@@ -125,8 +149,8 @@ def _param(rngs, shape, std, logical_axes):
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, eps: float):
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+  def __init__(self, dim: int, eps: float, axis: str = "norm"):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=(axis,))
     self.eps = eps
 
   def __call__(self, x):
@@ -160,11 +184,14 @@ def rope(x: jax.Array, base: float) -> jax.Array:
 
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim
     self.cfg = cfg
     self.wq = _param(rngs, (d, h, k), cfg.init_std, ("embed", "heads", "head_dim"))
-    self.wk = _param(rngs, (d, h, k), cfg.init_std, ("embed", "heads", "head_dim"))
-    self.wv = _param(rngs, (d, h, k), cfg.init_std, ("embed", "heads", "head_dim"))
+    self.wk = _param(rngs, (d, g, k), cfg.init_std, ("embed", "heads", "head_dim"))
+    self.wv = _param(rngs, (d, g, k), cfg.init_std, ("embed", "heads", "head_dim"))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(k, cfg.norm_eps, axis="head_dim")
+      self.k_norm = RMSNorm(k, cfg.norm_eps, axis="head_dim")
     # Scaled by depth, as GPT-2 does, so the residual stream's variance stays put.
     self.wo = _param(rngs, (h, k, d), cfg.init_std / math.sqrt(2 * cfg.num_layers),
                      ("heads", "head_dim", "embed"))
@@ -173,6 +200,8 @@ class Attention(nnx.Module):
     dtype = x.dtype
     q, k, v = (checkpoint_name(jnp.einsum("bld,dhk->blhk", x, w[...].astype(dtype)), name)
                for w, name in ((self.wq, "query"), (self.wk, "key"), (self.wv, "value")))
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base)
     out = _attention(q, k, v, self.cfg.attention_for(x.shape[1]))
     out = checkpoint_name(out, "attention_context")
@@ -234,6 +263,12 @@ def stack_layers(blocks: list[Block]) -> Block:
                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
+def mean_streams(streams: jax.Array) -> jax.Array:
+  """`[..., n, dim]` -> `[..., dim]`: the mean over streams, summed in float32. n equal
+  streams give back the one stream, so the final norm sees what a pre-norm model's did."""
+  return jnp.mean(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+
+
 def _run_block(block: Block, h: jax.Array) -> jax.Array:
   return block(h)
 
@@ -242,15 +277,15 @@ class Transformer(nnx.Module):
   """`[batch, seq]` int token ids -> `[batch, seq, vocab]` float32 logits.
 
   Embedding and read-out follow Gemma's convention: the looked-up embedding is multiplied by
-  sqrt(d_model) on the way in, and the logits are `final_norm(h) @ E^T` (tied) or
-  `final_norm(h) @ unembed` with no multiplier. Both matrices start N(0, 1/d_model²), so each
-  row has length about 1/sqrt(d_model) and a logit, |row| · |final_norm(h)| · cos, is at most
-  about 1 at initialisation whatever the width: a fresh model predicts close to uniformly,
-  ln(vocab). This is needed because near-identity residual blocks carry every token's own
-  embedding to the read-out; with N(0, 1) embeddings and a 1/sqrt(d) read-out each token
-  would predict itself with logit sqrt(d). Without a read-out multiplier the read-out keeps
-  the standard parametrisation's learning speed (an Adam step moves a logit by about
-  d_model · lr), so the small start costs no training time (docs/results.md).
+  sqrt(d_model) on the way in (`embed_scale`; Llama and Qwen3 have none), and the logits are
+  `final_norm(h) @ E^T` (tied) or `final_norm(h) @ unembed` with no multiplier. Both matrices
+  start N(0, 1/d_model²), so each row has length about 1/sqrt(d_model) and a logit, |row| ·
+  |final_norm(h)| · cos, is at most about 1 at initialisation whatever the width: a fresh model
+  predicts close to uniformly, ln(vocab). This is needed because near-identity residual blocks
+  carry every token's own embedding to the read-out; with N(0, 1) embeddings and a 1/sqrt(d)
+  read-out each token would predict itself with logit sqrt(d). Without a read-out multiplier the
+  read-out keeps the standard parametrisation's learning speed (an Adam step moves a logit by
+  about d_model · lr), so the small start costs no training time (docs/results.md).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -280,14 +315,17 @@ class Transformer(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
-    # Inputs of RMS about 1/sqrt(d): far above the norms' eps at any width.
-    h = (jnp.take(self.embed[...], tokens, axis=0) * math.sqrt(cfg.d_model)).astype(dtype)
+    h = jnp.take(self.embed[...], tokens, axis=0)
+    if cfg.embed_scale:
+      # Inputs of RMS about 1/sqrt(d): far above the norms' eps at any width.
+      h = h * math.sqrt(cfg.d_model)
+    h = h.astype(dtype)
     if cfg.uses_streams:
       h = expand_streams(h, cfg.num_streams)
     h = self._blocks(h)
     if cfg.uses_streams:
       check_streams(h, cfg.num_streams, cfg.d_model)
-      h = reduce_streams(h)
+      h = reduce_streams(h) if cfg.stream_reduction == "sum" else mean_streams(h)
     h = self.final_norm(h)
     readout = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
     return jnp.einsum("bld,dv->blv", h, readout.astype(dtype),
@@ -307,6 +345,44 @@ def per_layer(model: Transformer, sown_blocks, *path):
     return at(sown_blocks)
   layers = [at(sown_blocks[layer]) for layer in range(model.cfg.num_layers)]
   return jax.tree.map(lambda *values: jnp.stack(values), *layers)
+
+
+def layer_params(model: Transformer) -> list[dict]:
+  """Each block's parameters as a pure dict (`nnx.to_pure_dict`'s nesting: `attn/wq`, ...),
+  in depth order, from either layout."""
+  blocks = nnx.to_pure_dict(nnx.state(model.blocks, nnx.Param))
+  if model.cfg.scan_layers:
+    return [jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(model.cfg.num_layers)]
+  return [blocks[i] for i in range(model.cfg.num_layers)]
+
+
+def from_params(cfg: ModelConfig, params: dict, layers: list[dict]) -> Transformer:
+  """The Transformer of `cfg` holding `params` (a pure dict of everything outside `blocks`:
+  `embed`, `final_norm`, `unembed`) and `layers` (one pure dict per block, as `layer_params`
+  gives), stacked on the layers axis for `scan_layers`. Nothing is drawn at random; a
+  missing, extra or misshapen array is refused in one line naming its path."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  if len(layers) != cfg.num_layers:
+    raise ValueError(f"layers must hold num_layers={cfg.num_layers} blocks, got {len(layers)}")
+  for i, layer in enumerate(layers):
+    if jax.tree.structure(layer) != jax.tree.structure(layers[0]):
+      raise ValueError(f"layer {i}'s parameters are not named as layer 0's")
+  blocks = (jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if cfg.scan_layers
+            else dict(enumerate(layers)))
+  values = {**params, "blocks": blocks}
+  expected = nnx.to_pure_dict(state)
+  paths = lambda tree: {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+                        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  want, got = paths(expected), paths(values)
+  for name in sorted(set(want) | set(got)):
+    if name not in got or name not in want:
+      raise ValueError(f"parameter {name} is {'missing' if name in want else 'not in the model'}")
+    if tuple(got[name].shape) != tuple(want[name].shape):
+      raise ValueError(f"parameter {name} has shape {tuple(got[name].shape)}, the model's is "
+                       f"{tuple(want[name].shape)}")
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), values))
+  return nnx.merge(graphdef, state)
 
 
 def count_params(model: nnx.Module) -> int:

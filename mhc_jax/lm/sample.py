@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mhc_jax.lm.data import decode, encode
+from mhc_jax.lm.tokenizer import decode, encode
 
 
 def sample_text(model, prompt: str, *, num_tokens: int, context: int, temperature: float = 0.8,

@@ -1,0 +1,122 @@
+"""Turn a trained pre-norm `Transformer` into a hyper-connection one that computes the same
+logits, so fine-tuning starts from the pretrained function rather than from a perturbed one.
+
+    model = retrofit(load_hf_checkpoint(path), "mhc", num_streams=4)
+
+The construction rests on one invariant: the `n` streams stay equal, each the pre-norm
+model's residual `h`. A site computes `X' = H_res X + H_postᵀ F(H_pre X)`; with every stream
+equal to `h` that is `h + F(h)` on every stream, the pre-norm update, whenever
+
+    sum_i H_pre_i = 1          the branch reads `h` itself (not a multiple: the block's norm
+                               would remove the scale but not its eps)
+    H_post_k = 1               every stream receives `F` once
+    rows of H_res sum to 1     `H_res` maps equal streams to themselves, whatever it mixes
+
+The streams enter as copies of the embedding (`expand_streams`), so the invariant holds at
+every site, and the model ends with `stream_reduction="mean"`: the mean of `n` equal streams
+is `h`, so the final norm sees what it saw before, eps included. (The default sum would give
+`n h`, and `RMSNorm(n h)` differs from `RMSNorm(h)` by the eps term; scaling the final norm's
+eps by n² would also be exact, but would change a pretrained hyper-parameter, and the mean
+keeps the read-out's input at the pretrained scale.)
+
+How each variant meets the three conditions:
+
+  hc        The paper's own start already does, exactly: `A_m` one-hot (sums to 1), `B = 1`,
+            `A_r = I`, dynamic weights `W = 0` so the `s·tanh(X̄ W)` terms are 0. Step 1
+            moves every parameter but `s_α`, `s_β` and `norm_scale`, the other factors of a
+            product with `W`; they move from step 2, once `W` has.
+  mhc,      `alpha_pre = alpha_post = 0`, so `H_pre`, `H_post` start static (with the
+  mhc_lite  random `phi` kept, `alpha` gets a gradient at step 1 and `phi`'s pre and post
+            columns from step 2: the LoRA-style pair). `H_post = 2σ(0) = 1` (bias 0).
+            `H_pre = σ(bias_pre)` is `2/(n+1)` at stream `layer mod n` and `1/(n+1)`
+            elsewhere: sums to 1, and unequal, like the paper's one-hot, so the streams'
+            gradients differ from the first step and they do not stay copies of each other.
+            `H_res` keeps the project's start (identity weight 0.95, `alpha_res = 0.01`):
+            Sinkhorn's last step normalises rows, and a mixture of permutations is doubly
+            stochastic, so rows sum to 1 to float32 rounding whatever `H_res` is. No logit
+            gap has to push `H_res` towards I, which is what would cost the gradient: an
+            off-diagonal below float32 rounding needs a gap above ln(2²⁴) ≈ 17, where
+            `H(1-H)` ≈ 6e-8 scales every `H_res` gradient below Adam's eps (1e-8), so Adam's
+            normalisation could not revive it and `H_res` would stay frozen.
+
+The `H_res` gradient (and `alpha_res`'s) is zero, up to rounding, while the streams are equal:
+mixing copies changes nothing. Step 1 makes them differ (the unequal `H_pre` gives each
+stream's `H_post` its own gradient), so `H_res` learns from step 2 on, in every site but the
+first: its input is always the copied embedding, so its `H_res` never matters, in a model
+trained from scratch as well.
+
+Equality of the logits is to float32 rounding: `sigmoid(logit(w))` and Sinkhorn's row sums
+are 1 to an ulp, not exactly.
+"""
+
+import dataclasses
+
+import numpy as np
+from flax import nnx
+
+from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.mappings import HCConfig, MHCConfig
+
+RETROFIT_RESIDUALS = ("hc", "mhc", "mhc_lite")
+
+
+def retrofit_config(cfg: ModelConfig, residual: str, num_streams: int) -> ModelConfig:
+  """The config of the retrofitted model: `cfg` with the streams, averaged at the end."""
+  if cfg.residual != "prenorm":
+    raise ValueError(f"retrofit needs a prenorm model, got residual={cfg.residual!r}")
+  if residual not in RETROFIT_RESIDUALS:
+    raise ValueError(f"retrofit residual must be one of {', '.join(RETROFIT_RESIDUALS)}; got "
+                     f"{residual!r}")
+  if not isinstance(num_streams, int) or num_streams < 2:
+    raise ValueError(f"retrofit num_streams must be an int >= 2 (one stream is the pre-norm "
+                     f"model), got {num_streams!r}")
+  return dataclasses.replace(cfg, residual=residual, num_streams=num_streams,
+                             stream_reduction="mean")
+
+
+def pre_weights(num_streams: int, layer_index: int) -> np.ndarray:
+  """`[n]` aggregation weights summing to 1: `2/(n+1)` at stream `layer_index mod n`,
+  `1/(n+1)` elsewhere (unequal, to break the symmetry between streams)."""
+  weights = np.full((num_streams,), 1.0 / (num_streams + 1))
+  weights[layer_index % num_streams] = 2.0 / (num_streams + 1)
+  return weights
+
+
+def identity_site_params(config, params: dict) -> dict:
+  """A site's freshly initialised `params` -> ones with which equal streams pass through the
+  site as a pre-norm residual would (see the module docstring); float32 arrays."""
+  if isinstance(config, HCConfig):
+    return params  # the paper's start already is one: one-hot A_m, B = 1, A_r = I, W = 0
+  if not isinstance(config, MHCConfig):
+    raise ValueError(f"retrofit knows HC and mHC sites, got {type(config).__name__}")
+  n = config.num_streams
+  target = pre_weights(n, config.layer_index) - config.pre_eps  # H_pre = sigmoid + pre_eps
+  bias = np.array(params["bias"], np.float32)
+  bias[:n] = np.log(target / (1.0 - target))  # in float64, then rounded once
+  bias[n:2 * n] = 0.0  # H_post = 2 sigmoid(0) = 1
+  alpha = np.array(params["alpha"], np.float32)
+  alpha[:2] = 0.0  # static H_pre and H_post; H_res's dynamic part keeps rows summing to 1
+  return {**params, "alpha": alpha, "bias": bias}
+
+
+def retrofit(model: Transformer, residual: str, *, num_streams: int = 4,
+             rngs: nnx.Rngs | None = None) -> Transformer:
+  """A pre-norm `model` -> a new `Transformer` with `residual` ("hc", "mhc" or "mhc_lite")
+  over `num_streams` streams, the same block, embedding and norm weights, and sites that
+  start so the logits `[batch, seq, vocab]` are the pre-norm model's. `rngs` draws the
+  sites' random parameters (mHC's `phi`; default `nnx.Rngs(0)`). Either layer layout."""
+  cfg = retrofit_config(model.cfg, residual, num_streams)
+  rngs = rngs or nnx.Rngs(0)
+  make_site = RESIDUALS[residual].make_site
+  layers = []
+  for layer, block in enumerate(layer_params(model)):
+    sites = {}
+    for i, name in enumerate(("attn_site", "mlp_site")):
+      site = make_site(cfg, 2 * layer + i, rngs)
+      sites[name] = identity_site_params(site.config,
+                                         nnx.to_pure_dict(nnx.state(site, nnx.Param)))
+    layers.append({**block, **sites})
+  top = {name: value for name, value in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()
+         if name != "blocks"}
+  return from_params(cfg, top, layers)

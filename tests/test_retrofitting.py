@@ -1,0 +1,147 @@
+"""`retrofit`: a pre-norm model becomes an HC / mHC / mHC-lite one with the same logits, and
+fine-tuning then moves every new parameter."""
+
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mhc_jax.lm import ModelConfig, Transformer, retrofit
+from mhc_jax.lm.model import from_params, layer_params
+from mhc_jax.lm.retrofitting import pre_weights
+from mhc_jax.lm.train_state import cross_entropy
+
+QWEN3 = pathlib.Path(__file__).parent / "fixtures" / "hf" / "qwen3"
+RESIDUALS = ["hc", "mhc", "mhc_lite"]
+VOCAB = 64
+
+
+@functools.cache  # retrofit and the fine-tuning below leave the source model as it is
+def pretrained(source: str, scan_layers: bool) -> Transformer:
+  """A pre-norm model with weights far from initialisation: the tiny Qwen3 fixture (q/k norm,
+  grouped-query attention, tied), or one of this project's own with large random weights and
+  norm scales away from 1 (remat off and 4 Sinkhorn iterations: they only cost compile
+  time here)."""
+  if source == "hf":
+    pytest.importorskip("safetensors")
+    from mhc_jax.lm import load_hf_checkpoint
+    return load_hf_checkpoint(QWEN3, scan_layers=scan_layers)
+  cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
+                    tie_embeddings=False, scan_layers=scan_layers, remat="none",
+                    sinkhorn_iters=4)
+  # Drawn in numpy and loaded with `from_params`: no random program to compile.
+  rng = np.random.default_rng(0)
+  draw = lambda path, x: (1 + 0.2 * rng.standard_normal(x.shape) if path[-1].key == "scale"
+                          else 0.3 * rng.standard_normal(x.shape))
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(nnx.state(abstract)))
+  blocks = params.pop("blocks")
+  layers = [jax.tree.map(lambda x, i=i: x[i], blocks) if scan_layers else blocks[i]
+            for i in range(cfg.num_layers)]
+  return from_params(cfg, params, layers)
+
+
+def random_tokens(seed: int, seq: int = 12) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (2, seq)), jnp.int32)
+
+
+@functools.cache
+def reference_logits(source: str, scan_layers: bool) -> np.ndarray:
+  return np.asarray(pretrained(source, scan_layers)(random_tokens(0)))
+
+
+def assert_same_logits(streams: Transformer, source: str, scan_layers: bool) -> None:
+  before, after = reference_logits(source, scan_layers), np.asarray(streams(random_tokens(0)))
+  scale = np.abs(before).max()
+  # float32 rounding: sigmoid(logit(w)) and Sinkhorn's row sums are 1 to an ulp per site.
+  np.testing.assert_allclose(after, before, rtol=0, atol=2e-6 * scale)
+  assert scale > 1.0  # a real check, not one of near-zero logits
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_logits_of_a_loaded_model_are_unchanged(residual, scan_layers):
+  streams = retrofit(pretrained("hf", scan_layers), residual, num_streams=4)
+  assert (streams.cfg.residual, streams.cfg.num_streams, streams.cfg.scan_layers) == (
+      residual, 4, scan_layers)
+  assert_same_logits(streams, "hf", scan_layers)
+
+
+def adam_steps(model: Transformer, num_steps: int, lr: float = 1e-2) -> list[dict]:
+  """`num_steps` Adam steps on next-token cross entropy over fresh random tokens -> the
+  per-layer parameters (`layer_params`) before the first step and after each."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  optimizer = optax.adam(lr)
+  opt_state = optimizer.init(params)
+
+  @jax.jit
+  def step(params, opt_state, tokens):
+    def loss(params):
+      logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+      return cross_entropy(logits, tokens[:, 1:])
+    grads = jax.grad(loss)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  history = [layer_params(model)]
+  for i in range(num_steps):
+    params, opt_state = step(params, opt_state, random_tokens(100 + i, seq=16))
+    history.append(layer_params(nnx.merge(graphdef, params, rest)))
+  return history
+
+
+def site_leaves(layers: list[dict]) -> dict[str, np.ndarray]:
+  """`layer/site/name` -> array, for every hyper-connection parameter of every sub-layer."""
+  return {f"{layer}/{site}/{name}": np.asarray(value)
+          for layer, block in enumerate(layers) for site in ("attn_site", "mlp_site")
+          for name, value in block[site].items()}
+
+
+@pytest.mark.parametrize("residual", RESIDUALS)
+def test_own_model_keeps_its_logits_then_fine_tuning_moves_every_new_parameter(residual):
+  streams = retrofit(pretrained("own", True), residual)
+  assert_same_logits(streams, "own", True)
+  history = adam_steps(streams, num_steps=3)
+  start, first, last = (site_leaves(h) for h in (history[0], history[1], history[-1]))
+  stuck = [name for name in start if np.array_equal(start[name], last[name])]
+  assert not stuck, f"never moved in 3 steps: {stuck}"
+  # Only the zero-started factors of a product may wait for step 2 to move.
+  waited = {name.split("/")[-1] for name in start if np.array_equal(start[name], first[name])}
+  allowed = {"hc": {"scale_alpha", "scale_beta", "norm_scale"}, "mhc": {"phi"},
+             "mhc_lite": {"phi"}}[residual]
+  assert waited <= allowed, f"still at step 1: {waited - allowed}"
+
+
+@pytest.mark.parametrize("residual", ["mhc", "mhc_lite"])
+def test_mhc_sites_start_static_with_unit_pre_and_post(residual):
+  streams = retrofit(pretrained("own", False), residual, num_streams=3)
+  site = streams.blocks[1].mlp_site  # sub-layer 3: H_pre's larger weight on stream 3 mod 3
+  x = jax.random.normal(jax.random.key(0), (5, 3, 32))
+  h_pre, h_post, h_res = site.compute_coefficients(x)
+  np.testing.assert_allclose(h_pre, np.broadcast_to(pre_weights(3, 3), (5, 3)), rtol=1e-6)
+  np.testing.assert_allclose(h_post, np.ones((5, 3)), rtol=0, atol=0)
+  np.testing.assert_allclose(jnp.sum(h_res, -1), np.ones((5, 3)), rtol=1e-6)
+  assert pre_weights(3, 3).argmax() == 0 and np.isclose(pre_weights(3, 3).sum(), 1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"residual": "postnorm"}, "retrofit residual must be one of hc, mhc, mhc_lite; got "
+     "'postnorm'"),
+    ({"residual": "mhc", "num_streams": 1}, "retrofit num_streams must be an int >= 2"),
+])
+def test_bad_arguments_are_one_line(kwargs, match):
+  model = pretrained("own", True)
+  with pytest.raises(ValueError, match=match) as err:
+    retrofit(model, **kwargs)
+  assert "\n" not in str(err.value)
+
+
+def test_only_prenorm_models_are_retrofitted():
+  model = retrofit(pretrained("own", True), "hc")
+  with pytest.raises(ValueError, match="retrofit needs a prenorm model, got residual='hc'"):
+    retrofit(model, "mhc")
