@@ -500,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   summary = ", ".join(f"{split} {splits[split]['documents']:,} documents / "
                       f"{splits[split]['tokens']:,} tokens" for split in arrayrecord.SPLITS)
   print(f"mhc-prepare-data: {args.out} {'prepared' if fresh else 'is already prepared'}: "
-        f"{summary}")
+        f"{summary}; train with DataConfig.source = 'arrayrecord:{args.out}' and "
+        f"ModelConfig.vocab_size = {metadata['vocab_size']}")
   return 0
 
 
