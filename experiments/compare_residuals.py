@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import report
-from mhc_jax.lm import presets, train as train_lib
+from mhc_jax.lm import distributed, presets, train as train_lib
 from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.checks import check_int
 from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity
@@ -198,8 +198,9 @@ def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool = True
       print(f"[{i}/{len(runs)}] {run_name(variant, seed)}: "
             + ("finished, reused" if finished else "training"), flush=True)
     if not finished:
-      train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
-                      progress=progress)
+      with distributed.exit_if_peer_lost(workdir, f"compare_residuals: {workdir.name}"):
+        train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
+                        progress=progress)
 
 
 def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:
@@ -313,7 +314,7 @@ def main(argv=None) -> int:
     print(f"compare_residuals: {type(err).__name__}: {text[0] if text else ''}", file=sys.stderr)
     return 2
   if args.multihost:
-    jax.distributed.initialize()
+    distributed.initialize()
   out = pathlib.Path(args.out)
   use_compilation_cache(out / "runs")
   try:

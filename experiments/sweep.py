@@ -16,8 +16,10 @@ bindings; runs holding `finished.json` are skipped, unfinished ones resume.
 
 `--multihost` makes every process call `jax.distributed.initialize` (auto-detected on TPU
 pods; `--coordinator host:port --num_processes N --process_id I` elsewhere) and then train
-each run together, the global batch split over processes. `--tpu` prints (or with
-`--execute` runs) the `gcloud ... ssh --worker=all` command that starts that on a TPU VM pod.
+each run together, the global batch split over processes; when one process dies, the others
+exit at once with code 3 (see `mhc_jax/lm/distributed.py`), and a rerun resumes. `--tpu`
+prints (or with `--execute` runs) the `gcloud ... ssh --worker=all` command that starts that
+on a TPU VM pod.
 OUT must be storage every host sees at the same path (NFS, Filestore, a gcsfuse mount): the
 hosts write one checkpoint together and all look for `finished.json` there.
 """
@@ -33,7 +35,7 @@ import sys
 
 import gin
 
-from mhc_jax.lm import presets, train as train_lib
+from mhc_jax.lm import distributed, presets, train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -111,13 +113,7 @@ def run_local(runs: list[Run], out: pathlib.Path) -> None:
 def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
   """Every process runs this same loop; each run is trained by all processes together."""
   import jax
-  if args.coordinator:
-    # Cross-process collectives for CPU devices (ignored by accelerators). Asking for the
-    # backend here would start it, which must wait until after initialize.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-  else:
-    jax.distributed.initialize()  # TPU pods (and SLURM etc.) describe themselves
+  distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   lead = jax.process_index() == 0
   for i, run in enumerate(runs, 1):
     workdir = out / run.name
@@ -126,7 +122,8 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
     if lead:
       print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
     configs, bindings = presets.parse(run.gin_files, run.bindings)
-    train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
+    with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
+      train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
 
 
 def tpu_command(args) -> list[str]:
@@ -142,16 +139,14 @@ def main(argv=None) -> int:
   parser.add_argument("spec", help="gin file binding Sweep.* (looked up in gin_configs/ too)")
   parser.add_argument("--out", required=True, help="folder holding one workdir per run")
   parser.add_argument("--dry_run", action="store_true", help="print the runs' commands only")
-  parser.add_argument("--multihost", action="store_true")
-  parser.add_argument("--coordinator", help="host:port of process 0 (not needed on TPU pods)")
-  parser.add_argument("--num_processes", type=int)
-  parser.add_argument("--process_id", type=int)
+  distributed.add_arguments(parser)
   parser.add_argument("--tpu", help="TPU VM pod name: print the command for all its workers")
   parser.add_argument("--zone")
   parser.add_argument("--project")
   parser.add_argument("--repo_on_tpu", default="mhc-jax", help="checkout path on the workers")
   parser.add_argument("--execute", action="store_true", help="with --tpu: run the command")
   args = parser.parse_args(argv)
+  distributed.check_arguments(parser, args)
   try:
     runs = expand(load_spec(args.spec))
   except ValueError as err:  # presets.GinError, or a grid that expands to nothing usable

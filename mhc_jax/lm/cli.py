@@ -1,17 +1,21 @@
-"""`mhc-train`: gin presets and bindings -> configs -> `train()`; exit codes 0 / 1 / 2.
+"""`mhc-train`: gin presets and bindings -> configs -> `train()`; exit codes 0 / 1 / 2 / 3.
 
     mhc-train --gin_file shakespeare_tiny.gin --workdir workdirs/tiny
     mhc-train --gin_file shakespeare_tiny.gin --gin_file residual/mhc.gin --workdir ...
     python -m mhc_jax.lm.cli --gin_param 'ModelConfig.residual = "mhc"' --workdir ...
+    mhc-train ... --multihost                   # on every host of a TPU pod, a shared WORKDIR
+    mhc-train ... --multihost --coordinator host:port --num_processes N --process_id I
 
 Exit 0: trained, stopped by SIGTERM / SIGINT with a checkpoint, or already finished.
 Exit 1: a non-finite step under `LoopConfig.nonfinite = "stop"`. Exit 2: bad input, in one line.
+Exit 3: with --multihost, another process died (one line, within seconds, not after JAX's
+shutdown barrier times out): restart all processes with the same command to resume.
 """
 
 import argparse
 import sys
 
-from mhc_jax.lm import checkpoint, presets, train as train_lib
+from mhc_jax.lm import checkpoint, distributed, presets, train as train_lib
 
 DEFAULT_PRESET = "shakespeare_tiny.gin"
 
@@ -35,7 +39,10 @@ def parse_args(argv):
                            "nothing once the run has finished")
   parser.add_argument("--no_progress", dest="progress", action="store_false",
                       help="no progress bar or progress lines (logs of batch jobs)")
-  return parser.parse_args(argv)
+  distributed.add_arguments(parser)
+  args = parser.parse_args(argv)
+  distributed.check_arguments(parser, args)
+  return args
 
 
 def main(argv=None) -> int:
@@ -50,9 +57,12 @@ def main(argv=None) -> int:
     return 2
   if not args.gin_file:
     print(f"mhc-train: no --gin_file given: using {DEFAULT_PRESET}", file=sys.stderr, flush=True)
+  if args.multihost:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   checkpoint.hide_abandoned_restore_reads()
   try:
-    train_lib.train(args.workdir, **configs, progress=args.progress, record=bindings)
+    with distributed.exit_if_peer_lost(args.workdir, "mhc-train"):
+      train_lib.train(args.workdir, **configs, progress=args.progress, record=bindings)
   except ValueError as err:
     print(f"mhc-train: {presets.one_line(err)}", file=sys.stderr)
     return 2
