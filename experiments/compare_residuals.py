@@ -94,11 +94,12 @@ class Settings:
   loop: LoopConfig
 
 
-def preset_path(preset: str) -> pathlib.Path:
-  """A preset name (`cpu`: `gin_configs/compare/cpu.gin`) or a gin file's path."""
-  path = pathlib.Path(preset) if preset.endswith(".gin") else PRESET_DIR / f"{preset}.gin"
+def preset_path(preset: str, folder: pathlib.Path = PRESET_DIR) -> pathlib.Path:
+  """A preset name (`cpu`: `gin_configs/compare/cpu.gin`, or `folder/cpu.gin`) or a gin
+  file's path."""
+  path = pathlib.Path(preset) if preset.endswith(".gin") else folder / f"{preset}.gin"
   if not path.is_file():
-    names = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.gin")))
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.gin")))
     raise ValueError(f"no preset {preset!r}: name one of {names}, or the path of a .gin file")
   return path
 

@@ -2,6 +2,7 @@
 with the byte tokenizer and a BPE the tests train, the same batches as the in-memory path,
 sharding, resume, damage, re-runs, bad input, bounded memory, and a short training run."""
 
+import importlib.util
 import json
 import pathlib
 import re
@@ -336,9 +337,7 @@ def test_bad_inputs(tmp_path, texts, capsys):
        "neither 'bytes' nor a tokenizer.json"),
       (["gs://no-bucket/*.jsonl"], "gcsfs"),
   ]
-  try:
-    import pyarrow  # noqa: F401
-  except ImportError:
+  if importlib.util.find_spec("pyarrow") is None:
     cases.append(([str(tmp_path / "rows.parquet")], "needs the pyarrow package"))
   for inputs, pattern in cases:
     fails(capsys, [str(out), *inputs, "--workers", "1"], pattern)

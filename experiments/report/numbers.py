@@ -17,15 +17,16 @@ class Run:
 
   rows: its metrics.jsonl records. layer_cosine: `[L, L]` between blocks' outputs (streams
   summed). stream_cosine: `[L, n, n]` between the streams of each block's output, or None
-  without streams.
+  without streams. Both may be None where they were not measured (the curves and gains need
+  only the rows); `summarize` needs them.
   """
 
   variant: str
   seed: int
   rows: list[dict]
   num_params: int
-  layer_cosine: np.ndarray
-  stream_cosine: np.ndarray | None
+  layer_cosine: np.ndarray | None = None
+  stream_cosine: np.ndarray | None = None
 
 
 def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
@@ -54,8 +55,8 @@ def last_value(rows: list[dict], key: str) -> float:
 
 
 def has_streams(group: list[Run]) -> bool:
-  """Stream variants log H_res gains and have stream similarities."""
-  return group[0].stream_cosine is not None
+  """Stream variants log H_res gains (and have stream similarities where measured)."""
+  return any(f"{GAINS[0]}/max" in row for row in group[0].rows)
 
 
 def mean_std(values) -> dict:

@@ -10,13 +10,22 @@ import sys
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+CHECKPOINTS = "checkpoints"
 
 
 def manager(workdir: pathlib.Path, keep: int) -> ocp.CheckpointManager:
   """Keeps the latest `keep` checkpoints of `workdir` (absolute), saving asynchronously."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+  return ocp.CheckpointManager(workdir / CHECKPOINTS, options=options)
+
+
+def latest_step(workdir: pathlib.Path) -> int | None:
+  """The step of `workdir`'s latest complete checkpoint, None without one. Reads only: a
+  manager would create the folder."""
+  return max(ocp.utils.checkpoint_steps(workdir / CHECKPOINTS), default=None)
 
 
 def save(checkpoints: ocp.CheckpointManager, step: int, state, data_iterator) -> None:
@@ -38,6 +47,24 @@ def restore(checkpoints: ocp.CheckpointManager, step: int, abstract_state, data_
                      f"config (another model, or a damaged file): "
                      f"{str(err).strip().splitlines()[0][:300]}") from None
   return restored.state
+
+
+def restore_params(workdir: pathlib.Path, step: int, abstract_params: dict) -> dict:
+  """The `params` of the train state saved at `step` in `workdir` (absolute), as numpy
+  arrays laid out as `abstract_params` (a pure dict of shapes and dtypes); the optimizer
+  state and the data iterator are not read. One-line ValueError when they do not fit."""
+  step_dir = workdir / CHECKPOINTS / str(step)
+  wanted = {"params": abstract_params}
+  try:
+    check_fits(step_dir, wanted)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+          item=wanted, restore_args=restore_args, partial_restore=True))
+  except Exception as err:  # orbax raises many types for a checkpoint that does not fit
+    raise ValueError(f"the checkpoint of step {step} in {workdir} does not fit the model its "
+                     f"config.json describes: {str(err).strip().splitlines()[0][:300]}") from None
+  return restored["params"]
 
 
 def check_fits(step_dir: pathlib.Path, abstract_state) -> None:

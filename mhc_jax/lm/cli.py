@@ -3,6 +3,7 @@
     mhc-train --gin_file shakespeare_tiny.gin --workdir workdirs/tiny
     mhc-train --gin_file shakespeare_tiny.gin --gin_file residual/mhc.gin --workdir ...
     python -m mhc_jax.lm.cli --gin_param 'ModelConfig.residual = "mhc"' --workdir ...
+    mhc-train ... --init_from Qwen3-0.6B/       # start from pretrained weights (pretrained.py)
     mhc-train ... --multihost                   # on every host of a TPU pod, a shared WORKDIR
     mhc-train ... --multihost --coordinator host:port --num_processes N --process_id I
 
@@ -37,6 +38,11 @@ def parse_args(argv):
                       help="holds the run: checkpoints, metrics, config.json, finished.json; "
                            "re-running on it resumes from the latest checkpoint, and does "
                            "nothing once the run has finished")
+  parser.add_argument("--init_from", metavar="DIR",
+                      help="start from pretrained weights: a Hugging Face Llama / Qwen3 folder "
+                           "or a workdir of mhc-train (its latest checkpoint); retrofitted when "
+                           "ModelConfig.residual is hc, mhc or mhc_lite and DIR's is prenorm. "
+                           "A resumed run continues from its own checkpoint")
   parser.add_argument("--no_progress", dest="progress", action="store_false",
                       help="no progress bar or progress lines (logs of batch jobs)")
   distributed.add_arguments(parser)
@@ -62,7 +68,8 @@ def main(argv=None) -> int:
   checkpoint.hide_abandoned_restore_reads()
   try:
     with distributed.exit_if_peer_lost(args.workdir, "mhc-train"):
-      train_lib.train(args.workdir, **configs, progress=args.progress, record=bindings)
+      train_lib.train(args.workdir, **configs, progress=args.progress, record=bindings,
+                      init_from=args.init_from)
   except ValueError as err:
     print(f"mhc-train: {presets.one_line(err)}", file=sys.stderr)
     return 2

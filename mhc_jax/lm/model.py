@@ -356,6 +356,13 @@ def layer_params(model: Transformer) -> list[dict]:
   return [blocks[i] for i in range(model.cfg.num_layers)]
 
 
+def outer_params(model: Transformer) -> dict:
+  """The parameters outside the blocks (`embed`, `final_norm`, `unembed`) as a pure dict:
+  with `layer_params`, what `from_params` takes."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return {name: value for name, value in params.items() if name != "blocks"}
+
+
 def from_params(cfg: ModelConfig, params: dict, layers: list[dict]) -> Transformer:
   """The Transformer of `cfg` holding `params` (a pure dict of everything outside `blocks`:
   `embed`, `final_norm`, `unembed`) and `layers` (one pure dict per block, as `layer_params`

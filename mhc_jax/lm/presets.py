@@ -75,6 +75,14 @@ def parse(files: Sequence[str], bindings: Sequence[str] = (),
     return configs, gin.config_str()
 
 
+def scoped_configs(scope: str) -> dict:
+  """The five configs as `parse` builds them, but with the bindings of gin scope `scope`
+  (`finetune/LoopConfig.steps = 100`) over the unscoped ones: a second stage's configs in
+  the same preset. Called from an `extra` of `parse`, while its bindings are in force."""
+  with gin.config_scope(scope):
+    return {name: make() for name, make in _CONFIGURABLE.items()}
+
+
 @contextlib.contextmanager
 def _gin_scope() -> Iterator[None]:
   gin.clear_config()

@@ -54,7 +54,8 @@ import dataclasses
 import numpy as np
 from flax import nnx
 
-from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params
+from mhc_jax.lm.model import (SITES, ModelConfig, Transformer, from_params, layer_params,
+                              outer_params)
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.mappings import HCConfig, MHCConfig
 
@@ -100,6 +101,22 @@ def identity_site_params(config, params: dict) -> dict:
   return {**params, "alpha": alpha, "bias": bias}
 
 
+def with_sites(cfg: ModelConfig, layers: list[dict], rngs: nnx.Rngs) -> list[dict]:
+  """Pre-norm blocks' parameters (`layer_params`) -> the same blocks with the sites of `cfg`
+  (a `retrofit_config`), started so that equal streams pass through as a pre-norm residual
+  (`identity_site_params`). `rngs` draws the sites' random parameters (mHC's `phi`)."""
+  make_site = RESIDUALS[cfg.residual].make_site
+  widened = []
+  for layer, block in enumerate(layers):
+    sites = {}
+    for i, name in enumerate(SITES):
+      site = make_site(cfg, 2 * layer + i, rngs)
+      sites[name] = identity_site_params(site.config,
+                                         nnx.to_pure_dict(nnx.state(site, nnx.Param)))
+    widened.append({**block, **sites})
+  return widened
+
+
 def retrofit(model: Transformer, residual: str, *, num_streams: int = 4,
              rngs: nnx.Rngs | None = None) -> Transformer:
   """A pre-norm `model` -> a new `Transformer` with `residual` ("hc", "mhc" or "mhc_lite")
@@ -107,16 +124,5 @@ def retrofit(model: Transformer, residual: str, *, num_streams: int = 4,
   start so the logits `[batch, seq, vocab]` are the pre-norm model's. `rngs` draws the
   sites' random parameters (mHC's `phi`; default `nnx.Rngs(0)`). Either layer layout."""
   cfg = retrofit_config(model.cfg, residual, num_streams)
-  rngs = rngs or nnx.Rngs(0)
-  make_site = RESIDUALS[residual].make_site
-  layers = []
-  for layer, block in enumerate(layer_params(model)):
-    sites = {}
-    for i, name in enumerate(("attn_site", "mlp_site")):
-      site = make_site(cfg, 2 * layer + i, rngs)
-      sites[name] = identity_site_params(site.config,
-                                         nnx.to_pure_dict(nnx.state(site, nnx.Param)))
-    layers.append({**block, **sites})
-  top = {name: value for name, value in nnx.to_pure_dict(nnx.state(model, nnx.Param)).items()
-         if name != "blocks"}
-  return from_params(cfg, top, layers)
+  layers = with_sites(cfg, layer_params(model), rngs or nnx.Rngs(0))
+  return from_params(cfg, outer_params(model), layers)

@@ -4,10 +4,11 @@
 
 (`mhc-train`, in `cli.py`, builds the configs from gin presets and bindings.) Writes into
 WORKDIR: `checkpoints/` (see `checkpoint.py`), `metrics.jsonl` and `tensorboard/` (see
-`metrics.py`), `config.json` (the configs in force), `schedule.json` (what defines the
-learning-rate schedule), and once all `LoopConfig.steps` are done, `finished.json` (the last
-logged metrics). Started again on the same WORKDIR it resumes from the latest complete
-checkpoint; once finished, it says so and does nothing.
+`metrics.py`), `config.json` (the configs in force, and under "init_from" where the run
+started: see `pretrained.py`), `schedule.json` (what defines the learning-rate schedule), and
+once all `LoopConfig.steps` are done, `finished.json` (the last logged metrics). Started again
+on the same WORKDIR it resumes from the latest complete checkpoint; once finished, it says so
+and does nothing.
 SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and exit.
 """
 
@@ -23,7 +24,7 @@ import time
 import jax
 from flax import nnx
 
-from mhc_jax.lm import checkpoint
+from mhc_jax.lm import checkpoint, pretrained
 from mhc_jax.lm.attention import check_platform
 from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.lm.flops import model_flops_per_token, peak_flops_per_device, throughput
@@ -99,16 +100,27 @@ def train(workdir: str,
           loop: LoopConfig = LoopConfig(),
           devices=None,
           progress: bool = True,
-          record: str | None = None) -> list[dict]:
+          record: str | None = None,
+          init_from: str | None = None) -> list[dict]:
   """Trains (or resumes) in `workdir`; returns this call's logged metrics.
 
   `progress`: a progress bar (periodic lines when not on a terminal).
   `record`: text saved as `config.gin` beside `config.json` (the CLI's gin bindings).
+  `init_from`: a Hugging Face folder or a workdir of this project whose weights a new run
+  starts from (`pretrained.py`); a resumed run continues from its checkpoint instead.
   """
   workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   lead = jax.process_index() == 0
-  # Before anything is written or compiled: one line if the platform cannot run it.
+  # Before anything is written or compiled: one line if the platform cannot run it, or if
+  # the pretrained weights do not fit the config.
   check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
+  params = None
+  if checkpoint.latest_step(workdir) is None:
+    started_from = None
+    if init_from is not None:
+      params, started_from = pretrained.load_params(init_from, model, loop.seed)
+  else:
+    started_from = _resumed_start(workdir, init_from)
   check_workdir(workdir)
   corpus = Corpus(data)
   if model.vocab_size != corpus.vocab_size:  # larger would train rows no token reaches
@@ -124,6 +136,9 @@ def train(workdir: str,
   start = manager.latest_step() or 0
   if start:
     state = checkpoint.restore(manager, start, trainer.abstract_state, train_iter)
+  elif params is not None:
+    state = trainer.state_from_params(params)
+    del params  # else a whole copy would sit on one device for the whole run
   else:
     state = trainer.init_state()
   # Only now: a finished run whose config no longer fits its checkpoint, or whose checkpoint
@@ -145,13 +160,16 @@ def train(workdir: str,
   if lead:
     configs = dict(model=model, data=data, optimizer=optimizer, mesh=mesh, loop=loop)
     _write_whole(workdir / CONFIG, json.dumps(
-        {name: dataclasses.asdict(config) for name, config in configs.items()}, indent=2))
+        {**{name: dataclasses.asdict(config) for name, config in configs.items()},
+         "init_from": started_from}, indent=2))
     if record is not None:
       _write_whole(workdir / "config.gin", record)
     print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
           f"{trainer.num_params:,} parameters; {flops_per_token / 1e9:.3g} GFLOP/token; "
           f"mesh {dict(trainer.mesh.shape)}; "
-          + (f"resuming at step {start}" if start else "starting from scratch"), flush=True)
+          + (f"resuming at step {start}" if start else
+             pretrained.describe(started_from, model) if started_from else
+             "starting from scratch"), flush=True)
 
   writer = MetricsWriter(workdir, resume_step=start) if lead else None
   bar = ProgressBar(loop.steps) if progress and lead else None
@@ -219,6 +237,23 @@ def train(workdir: str,
                          context=data.seq_len, encode=corpus.encode, decode=corpus.decode)
       print(f"sample after {last} steps:\n{text}", flush=True)
   return history
+
+
+def _resumed_start(workdir: pathlib.Path, init_from: str | None) -> dict | None:
+  """Where the run in `workdir` started, as its config.json records it; one line when
+  `init_from` names another start: its checkpoint holds weights trained from that one."""
+  path = workdir / CONFIG
+  try:
+    recorded = json.loads(path.read_text()).get("init_from") if path.exists() else None
+  except (ValueError, AttributeError) as err:
+    raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to resume "
+                     f"the run") from None
+  wanted = init_from and str(pathlib.Path(init_from).expanduser().resolve())
+  if wanted and wanted != (recorded or {}).get("path"):
+    where = recorded["path"] if recorded else "scratch"
+    raise ValueError(f"{workdir} started from {where}, not from {wanted}: resume it without "
+                     f"--init_from, or start the new run in another workdir")
+  return recorded
 
 
 def _finished_step(workdir: pathlib.Path) -> int | None:

@@ -117,6 +117,8 @@ class Trainer:
     batch_shardings = {"inputs": self.batch_sharding, "targets": self.batch_sharding}
     self.init_state = self._under_mesh(
         jax.jit(self._init_state, out_shardings=self.state_shardings))
+    self._jit_fresh_state = self._under_mesh(
+        jax.jit(self._fresh_state, out_shardings=self.state_shardings))
     self._jit_train_step = {
         diagnostics: jax.jit(lambda s, b, d=diagnostics: self._train_step(s, b, d),
                              in_shardings=(self.state_shardings, batch_shardings),
@@ -141,9 +143,18 @@ class Trainer:
     diagnostics = diagnostics and self.model_config.uses_streams
     return self._under_mesh(self._jit_train_step[diagnostics])(state, batch)
 
+  def state_from_params(self, params: dict):
+    """The train state of step 0 holding `params` (a pure dict laid out as the model's, e.g.
+    pretrained weights), with a fresh optimizer state, sharded as `init_state`'s."""
+    # device_put lays the one copy out over the mesh, across hosts too; the jit then only
+    # adds the optimizer state and the counters.
+    return self._jit_fresh_state(jax.device_put(params, self.state_shardings["params"]))
+
   def _init_state(self):
     model = Transformer(self.model_config, rngs=nnx.Rngs(self.loop.seed))
-    params = nnx.to_pure_dict(nnx.state(model))
+    return self._fresh_state(nnx.to_pure_dict(nnx.state(model)))
+
+  def _fresh_state(self, params: dict):
     guard = {"first_step": jnp.full((), -1, jnp.int32), "first_kind": jnp.zeros((), jnp.int32),
              "skipped": jnp.zeros((), jnp.int32)}
     return {"step": jnp.zeros((), jnp.int32), "params": params,
