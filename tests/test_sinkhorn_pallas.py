@@ -66,9 +66,12 @@ def test_kernels_lower_for_their_hardware(name, target):
         jax.ShapeDtypeStruct((3000, n, n), jnp.bfloat16))
 
 
-@pytest.mark.parametrize("tol, passed", [(1e-4, True), (1e-12, False)])
-def test_validate_command_on_cpu_interprets_and_reports(capsys, tol, passed):
-  argv = ["--validate", "--tokens", "64", "--iters", "3", "--repeats", "1", "--tol", str(tol)]
+@pytest.mark.parametrize("passed", [True, False])
+def test_validate_command_on_cpu_interprets_and_reports(capsys, monkeypatch, passed):
+  if not passed:  # a reference 0.1% off stands in for a kernel that is wrong on the hardware
+    reference = bench.sinkhorn_xla
+    monkeypatch.setattr(bench, "sinkhorn_xla", lambda *args: reference(*args) * 1.001)
+  argv = ["--validate", "--tokens", "64", "--iters", "3", "--repeats", "1", "--tol", "1e-4"]
   if passed:
     bench.main(argv)
   else:
