@@ -232,17 +232,21 @@ def train_iterator(windows: Windows, batch_size: int, seed: int, shard_index: in
   if len(windows) == 0:
     raise ValueError("train_iterator needs at least one window")
   rows = batch_size // shard_count
-  own_rows = slice(shard_index * rows, (shard_index + 1) * rows)
-  dataset = (grain.MapDataset.range(len(windows))
-             .shuffle(seed=seed)
-             .repeat()
-             .batch(batch_size, drop_remainder=True)
-             .map(functools.partial(_gather, windows, own_rows)))
+  # The global order: window positions, reshuffled every epoch, endless. Batch b is its
+  # positions [b * batch_size, (b + 1) * batch_size); a process looks up only its own rows
+  # of it (grain's per-element lookups, not the gather, bound the loader's rate).
+  order = grain.MapDataset.range(len(windows)).shuffle(seed=seed).repeat()
+  own_offsets = np.arange(shard_index * rows, (shard_index + 1) * rows)
+  dataset = (grain.MapDataset.range(len(order) // batch_size)
+             .map(functools.partial(_gather, windows, order, batch_size, own_offsets)))
   return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads)))
 
 
-def _gather(windows: Windows, own_rows: slice, indices: np.ndarray) -> Batch:
-  return _examples(windows[indices[own_rows]])
+def _gather(windows: Windows, order: grain.MapDataset, batch_size: int,
+            own_offsets: np.ndarray, batch: int) -> Batch:
+  indices = np.fromiter((order[batch * batch_size + k] for k in own_offsets), np.int64,
+                        len(own_offsets))
+  return _examples(windows[indices])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality or hash
