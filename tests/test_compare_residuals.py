@@ -106,6 +106,7 @@ def test_summary_numbers_are_the_runs_final_eval_losses(out):
     assert entry["final_eval_loss"]["std"] == pytest.approx(statistics.stdev(losses))
     assert entry["final_eval_loss"]["per_seed"] == {str(s): v for s, v in zip(SEEDS, losses)}
     assert entry["num_params"] > 0
+    assert set(entry["loss_spikes"]) == {str(s) for s in SEEDS}
   deltas = np.subtract(final_eval_losses(out, "mhc"), final_eval_losses(out, "prenorm"))
   assert summary["variants"]["mhc"]["eval_loss_minus_prenorm"]["mean"] == \
       pytest.approx(deltas.mean())
@@ -131,6 +132,20 @@ def test_second_invocation_reuses_the_runs(out, preset):
   assert {p: p.stat().st_mtime_ns for p in watched} == before
   assert sorted(p for run in runs for p in (run / "checkpoints").iterdir()) == \
       sorted(p for p in watched if p.name != "metrics.jsonl")
+
+
+def test_loss_spikes_count_onsets_above_the_running_median():
+  rng = np.random.default_rng(0)
+  falling = 3 * np.exp(-np.arange(60) / 20) + 1.5 + 0.02 * rng.standard_normal(60)
+  assert report.numbers.loss_spikes(falling) == 0
+  spiky = falling.copy()
+  spiky[20] *= 1.6          # one point: one spike (the median lags a falling curve)
+  spiky[40:43] *= 1.5       # three points in a row: one spike
+  spiky[50] = float("nan")  # a non-finite loss is a skipped update, not a spike ...
+  spiky[52] *= 1.4          # ... and leaves the median of the points around it
+  spiky[57] *= 1.2          # under the 1.25 ratio
+  assert report.numbers.loss_spikes(spiky) == 3
+  assert report.numbers.loss_spikes(spiky[:report.numbers.SPIKE_WINDOW]) == 0
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tpu_pod", "stability"])

@@ -2,7 +2,7 @@
 
 import math
 
-from experiments.report.numbers import BASELINE
+from experiments.report.numbers import BASELINE, SPIKE_RATIO, SPIKE_WINDOW
 
 
 def _pm(stats: dict) -> str:
@@ -14,8 +14,8 @@ def _table(summary: dict) -> list[str]:
   seeds = summary["settings"]["seeds"]
   lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired) | per seed "
            f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
-           "fwd / bwd | skipped updates | tokens/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "fwd / bwd | skipped updates | loss spikes per seed | tokens/s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for variant, entry in summary["variants"].items():
     delta = entry.get(f"eval_loss_minus_{BASELINE}")
     gains = entry.get("final_max_gain")
@@ -26,7 +26,8 @@ def _table(summary: dict) -> list[str]:
     per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
     lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
                  f"{_pm(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
-                 f"{entry['skipped_updates']} | {entry['tokens_per_sec_median']:,.0f} |")
+                 f"{entry['skipped_updates']} | {', '.join(map(str, entry['loss_spikes'].values()))} "
+                 f"| {entry['tokens_per_sec_median']:,.0f} |")
   return lines
 
 
@@ -60,7 +61,11 @@ def markdown(summary: dict) -> str:
       "the same validation documents, so *Δ vs prenorm* (variant minus prenorm at the same "
       "seed) is the paired difference. Gains: the largest over "
       "sub-layers, tokens and seeds at the last diagnostics step (1 for doubly-stochastic "
-      "H_res). Tokens/s: median over logged steps (shared machines make it noisy).",
+      "H_res). Skipped updates: updates dropped because their loss, gradient or new parameters "
+      "were not finite (summed over seeds). Loss spikes: logged training losses above "
+      f"{SPIKE_RATIO:g} × the median of the {SPIKE_WINDOW} logged losses before them, a run of "
+      "such points counting once. Tokens/s: median over logged steps (shared machines make "
+      "it noisy).",
       "",
       "## Loss and gradients",
       "",

@@ -9,6 +9,10 @@ import numpy as np
 
 BASELINE = "prenorm"
 GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
+# A loss spike: a logged training loss above SPIKE_RATIO x the median of the SPIKE_WINDOW
+# logged losses before it. Relative, so one rule serves any vocabulary and stage of training;
+# the median, so one spike does not raise the bar for the next.
+SPIKE_RATIO, SPIKE_WINDOW = 1.25, 10
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality
@@ -54,6 +58,16 @@ def last_value(rows: list[dict], key: str) -> float:
   return series(rows, key)[1][-1]
 
 
+def loss_spikes(losses: np.ndarray) -> int:
+  """Spikes in a logged loss curve `[T]`: points above SPIKE_RATIO x the median of the
+  SPIKE_WINDOW points before them, a run of such points counting once. Non-finite losses are
+  not spikes (a skipped update is counted as one)."""
+  above = np.array([t >= SPIKE_WINDOW and
+                    losses[t] > SPIKE_RATIO * np.nanmedian(losses[t - SPIKE_WINDOW:t])
+                    for t in range(len(losses))], bool)
+  return int(np.sum(above & ~np.concatenate([[False], above[:-1]])))
+
+
 def has_streams(group: list[Run]) -> bool:
   """Stream variants log H_res gains (and have stream similarities where measured)."""
   return any(f"{GAINS[0]}/max" in row for row in group[0].rows)
@@ -76,6 +90,8 @@ def summarize(runs: list[Run], settings: dict) -> dict:
              "final_eval_loss": {**mean_std(list(final[variant].values())),
                                  "per_seed": {str(s): v for s, v in final[variant].items()}},
              "skipped_updates": int(sum(last_value(r.rows, "skipped_steps") for r in group)),
+             "loss_spikes": {str(r.seed): loss_spikes(series(r.rows, "train_loss")[1])
+                             for r in group},
              "tokens_per_sec_median": float(np.median(np.concatenate(
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
     if BASELINE in final and variant != BASELINE:
