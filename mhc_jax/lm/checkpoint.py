@@ -7,6 +7,7 @@ metadata alone that it fits the config before reading any array.
 import inspect
 import pathlib
 import sys
+import threading
 
 import grain
 import jax
@@ -93,11 +94,15 @@ def check_fits(step_dir: pathlib.Path, abstract_state) -> None:
                        f"{want.dtype}{list(want.shape)}")
 
 
+CLOSED_LOOP = "RuntimeError: Event loop is closed"
+
+
 def hide_abandoned_restore_reads() -> None:
   """A restore that fails on one array (a damaged file) leaves orbax's other reads in
   flight. As each ends it reports to the event loop orbax has closed (RuntimeError), or dies
   as a coroutine nobody awaits, and Python prints each as a traceback: dozens of them around
-  the one line that says what is wrong. These two kinds alone are dropped."""
+  the one line that says what is wrong. These two kinds alone are dropped: through the hooks,
+  and from sys.stderr for the reads whose native threads print their traceback directly."""
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
 
   def on_exception(kind, value, tb):
@@ -109,3 +114,36 @@ def hide_abandoned_restore_reads() -> None:
       unraisablehook(info)
 
   sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  if not isinstance(sys.stderr, ClosedLoopTracebackFilter):
+    sys.stderr = ClosedLoopTracebackFilter(sys.stderr)
+
+
+class ClosedLoopTracebackFilter:
+  """A text stream passing everything to `stream` except tracebacks whose exception line is
+  "RuntimeError: Event loop is closed". A traceback is held, per thread (the abandoned reads
+  print theirs concurrently), from its "Traceback (most recent call last):" line until its
+  first unindented line decides; all other text passes at once."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self._held = {}  # thread id -> text of the traceback being printed
+
+  def write(self, text: str) -> int:
+    thread = threading.get_ident()
+    held = self._held.pop(thread, None)
+    if held is None and not text.startswith("Traceback (most recent call last):"):
+      return self._stream.write(text)
+    held = (held or "") + text
+    lines = held.split("\n")
+    for i, line in enumerate(lines[1:-1], 1):  # complete lines after the header
+      if line and not line[0].isspace():
+        if line != CLOSED_LOOP:
+          self._stream.write(held)
+        elif lines[i + 1:] != [""]:
+          self._stream.write("\n".join(lines[i + 1:]))
+        return len(text)
+    self._held[thread] = held
+    return len(text)
+
+  def __getattr__(self, name):  # flush, fileno, isatty, encoding, ...
+    return getattr(self._stream, name)
