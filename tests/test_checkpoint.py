@@ -2,9 +2,10 @@
 restores themselves are tested through the CLI in test_reliability.py)."""
 
 import io
+import sys
 import threading
 
-from mhc_jax.lm.checkpoint import ClosedLoopTracebackFilter
+from mhc_jax.lm.checkpoint import ClosedLoopTracebackFilter, hide_abandoned_restore_reads
 
 CLOSED = ("Traceback (most recent call last):\n",
           '  File "asyncio/base_events.py", line 806, in call_soon_threadsafe\n',
@@ -43,3 +44,17 @@ def test_a_traceback_in_one_write_and_text_after_it():
   stderr.write("".join(OTHER))
   assert out.getvalue() == "after\n" + "".join(OTHER)
   assert stderr.getvalue() == out.getvalue()  # other attributes are the stream's
+
+
+def test_installed_filter_drops_the_closed_loop_error_python_prints_itself(monkeypatch):
+  out = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", out)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  hide_abandoned_restore_reads()
+  for error in (RuntimeError("Event loop is closed"), KeyError("kept")):
+    try:
+      raise error
+    except Exception:  # what Python does with an uncaught exception
+      sys.excepthook(*sys.exc_info())
+  printed = sys.stderr.getvalue()
+  assert "Event loop is closed" not in printed and printed.endswith("KeyError: 'kept'\n")

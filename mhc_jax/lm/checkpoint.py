@@ -101,19 +101,15 @@ def hide_abandoned_restore_reads() -> None:
   """A restore that fails on one array (a damaged file) leaves orbax's other reads in
   flight. As each ends it reports to the event loop orbax has closed (RuntimeError), or dies
   as a coroutine nobody awaits, and Python prints each as a traceback: dozens of them around
-  the one line that says what is wrong. These two kinds alone are dropped: through the hooks,
-  and from sys.stderr for the reads whose native threads print their traceback directly."""
-  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
-
-  def on_exception(kind, value, tb):
-    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
-      excepthook(kind, value, tb)
+  the one line that says what is wrong. These two kinds alone are dropped: the first from
+  sys.stderr, whichever hook or native thread prints it, the second in the unraisable hook."""
+  unraisablehook = sys.unraisablehook
 
   def on_unraisable(info):
     if not (inspect.iscoroutine(info.object) and isinstance(info.exc_value, Exception)):
       unraisablehook(info)
 
-  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  sys.unraisablehook = on_unraisable
   if not isinstance(sys.stderr, ClosedLoopTracebackFilter):
     sys.stderr = ClosedLoopTracebackFilter(sys.stderr)
 
