@@ -185,8 +185,8 @@ def run_result(settings: Settings, runs_dir: pathlib.Path, variant: str, depth: 
 
 
 def cells(settings: Settings, runs: list[dict]) -> list[dict]:
-  """One entry per (variant, depth, learning rate): the mean final eval loss over its seeds,
-  None where a seed diverged."""
+  """One entry per (variant, depth, learning rate): the mean final eval loss over its seeds and
+  their range (lowest, highest), None where a seed diverged."""
   g, out = settings.grid, []
   for variant in g.variants:
     for depth in g.depths:
@@ -194,10 +194,11 @@ def cells(settings: Settings, runs: list[dict]) -> list[dict]:
         group = [r for r in runs if (r["variant"], r["depth"], r["learning_rate"])
                  == (variant, depth, lr)]
         diverged = sum(r["diverged"] for r in group)
+        losses = [r["final_eval_loss"] for r in group]
         out.append({"variant": variant, "depth": depth, "learning_rate": lr,
                     "seeds": len(group), "diverged_seeds": diverged,
-                    "final_eval_loss": None if diverged else
-                    float(np.mean([r["final_eval_loss"] for r in group]))})
+                    "final_eval_loss": None if diverged else float(np.mean(losses)),
+                    "seed_range": None if diverged else [min(losses), max(losses)]})
   return out
 
 
@@ -233,7 +234,10 @@ def plot_map(path: pathlib.Path, settings: Settings, cell_list: list[dict]) -> N
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor=cmap(norm(loss)),
                                edgecolor="white", linewidth=0.5))
         # Dark text on the light end of viridis, light text on the dark end.
-        ax.text(*centre, f"{loss:.2f}", ha="center", va="center", fontsize=8,
+        # The seeds' range under the mean: a cell where one seed failed shows it.
+        low, high = c["seed_range"]
+        label = f"{loss:.2f}" + (f"\n{low:.2f}–{high:.2f}" if c["seeds"] > 1 else "")
+        ax.text(*centre, label, ha="center", va="center", fontsize=8,
                 color="black" if norm(loss) > 0.6 else "white")
     ax.set_xscale("log")
     ax.set_yscale("log", base=2)
@@ -278,7 +282,8 @@ def markdown(summary: dict, settings: Settings) -> str:
       f"{UNIFORM_MARGIN} = {ceiling - UNIFORM_MARGIN:.3f}: no better than guessing tokens "
       "uniformly, where a run whose parameters blew up but stayed finite ends. The reasons "
       "of each run are `why_diverged` in `summary.json`. A cell is marked diverged "
-      "when any of its seeds is; otherwise it shows the mean final eval loss over its seeds.",
+      "when any of its seeds is; otherwise it shows the mean final eval loss over its seeds and, "
+      "in brackets (in the figure: under it), their range.",
       "", f"![stability map]({FIGURE})", ""]
   header = "| depth | " + " | ".join(f"lr {lr:g}" for lr in g.learning_rates) + " |"
   for variant in g.variants:
@@ -293,7 +298,9 @@ def markdown(summary: dict, settings: Settings) -> str:
 
 def _cell_text(cell: dict, runs: list[dict]) -> str:
   if cell["final_eval_loss"] is not None:
-    return f"{cell['final_eval_loss']:.3f}"
+    low, high = cell["seed_range"]
+    return f"{cell['final_eval_loss']:.3f}" + (f" ({low:.3f}–{high:.3f})" if cell["seeds"] > 1
+                                                else "")
   skipped = sum(r["skipped_updates"] for r in runs if (r["variant"], r["depth"],
                 r["learning_rate"]) == (cell["variant"], cell["depth"], cell["learning_rate"]))
   seeds = "" if cell["seeds"] == 1 else f" {cell['diverged_seeds']}/{cell['seeds']}"

@@ -2,6 +2,7 @@
 finished runs), and its presets and configs without training."""
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import pytest
 from mhc_jax.lm.metrics import read_metrics
 
 from experiments import compare_residuals, report
+from experiments.report.markdown import format_paired
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,14 +108,21 @@ def test_summary_numbers_are_the_runs_final_eval_losses(out):
     assert entry["final_eval_loss"]["std"] == pytest.approx(statistics.stdev(losses))
     assert entry["final_eval_loss"]["per_seed"] == {str(s): v for s, v in zip(SEEDS, losses)}
     assert entry["num_params"] > 0
-    assert set(entry["loss_spikes"]) == {str(s) for s in SEEDS}
+    assert set(entry["train_loss_spikes"]) == set(entry["grad_norm_spikes"]) == \
+        {str(s) for s in SEEDS}
   deltas = np.subtract(final_eval_losses(out, "mhc"), final_eval_losses(out, "prenorm"))
-  assert summary["variants"]["mhc"]["eval_loss_minus_prenorm"]["mean"] == \
-      pytest.approx(deltas.mean())
+  paired = summary["variants"]["mhc"]["eval_loss_minus_prenorm"]
+  assert paired["mean"] == pytest.approx(deltas.mean())
+  assert paired["ci95"] == pytest.approx(12.706 * abs(deltas[1] - deltas[0]) / 2, rel=1e-4)
   # mHC's H_res is doubly stochastic: its gains stay at 1, composite ones too.
   gains = summary["variants"]["mhc"]["final_max_gain"]
   assert gains["forward_gain"] == pytest.approx(1, abs=1e-4)
   assert gains["composite_forward_gain"] == pytest.approx(1, abs=1e-3)
+  peaks = summary["variants"]["mhc"]["peak_max_gain"]
+  logged = [row["composite_backward_gain/max"] for s in SEEDS
+            for row in read_metrics(out / "runs" / f"mhc_seed{s}")
+            if "composite_backward_gain/max" in row]
+  assert peaks["composite_backward_gain"] == max(logged) >= gains["composite_backward_gain"]
   assert "final_max_gain" not in summary["variants"]["prenorm"]
   mhc_run = summary["runs"][-1]
   layers, streams = np.array(mhc_run["layer_cosine"]), np.array(mhc_run["stream_cosine"])
@@ -134,18 +143,30 @@ def test_second_invocation_reuses_the_runs(out, preset):
       sorted(p for p in watched if p.name != "metrics.jsonl")
 
 
-def test_loss_spikes_count_onsets_above_the_running_median():
+def test_paired_difference_interval_is_students_t():
+  # Three seeds: t(0.975, 2 dof) = 4.3027; the interval of the mean is t * s / sqrt(3).
+  deltas = [-0.031, -0.012, -0.040]
+  entry = report.numbers.paired_difference(deltas)
+  assert entry["mean"] == pytest.approx(-0.027666667)
+  assert entry["ci95"] == pytest.approx(4.302653 * statistics.stdev(deltas) / 3 ** 0.5, rel=1e-6)
+  assert np.isnan(report.numbers.paired_difference([0.01])["ci95"])
+  assert "[-0.0632, +0.0078]" in format_paired(entry)
+
+
+def test_spikes_count_onsets_above_the_running_median():
   rng = np.random.default_rng(0)
   falling = 3 * np.exp(-np.arange(60) / 20) + 1.5 + 0.02 * rng.standard_normal(60)
-  assert report.numbers.loss_spikes(falling) == 0
+  spikes = functools.partial(report.numbers.spikes, ratio=1.25)
+  assert spikes(falling) == 0
   spiky = falling.copy()
   spiky[20] *= 1.6          # one point: one spike (the median lags a falling curve)
   spiky[40:43] *= 1.5       # three points in a row: one spike
   spiky[50] = float("nan")  # a non-finite loss is a skipped update, not a spike ...
   spiky[52] *= 1.4          # ... and leaves the median of the points around it
   spiky[57] *= 1.2          # under the 1.25 ratio
-  assert report.numbers.loss_spikes(spiky) == 3
-  assert report.numbers.loss_spikes(spiky[:report.numbers.SPIKE_WINDOW]) == 0
+  assert spikes(spiky) == 3
+  assert spikes(spiky[:report.numbers.SPIKE_WINDOW]) == 0
+  assert report.numbers.spikes(spiky, ratio=1.38) == 2  # not the 1.4x point
 
 
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tpu_pod", "stability"])

@@ -7,11 +7,12 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
-from experiments.stability_map import UNIFORM_MARGIN
+from experiments.stability_map import UNIFORM_MARGIN, cells
 from mhc_jax.lm.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -111,6 +112,21 @@ def test_map_of_every_cell_then_reuse(preset, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("finished, reused") == RUNS and ": training" not in proc.stdout
   assert len(metrics) == RUNS and {p: p.stat().st_mtime_ns for p in metrics} == before
+
+
+def test_cells_hold_the_mean_and_range_of_their_seeds():
+  grid = types.SimpleNamespace(variants=("hc",), depths=(4, 8), learning_rates=(0.1,))
+
+  def run(depth, seed, loss, diverged=False):
+    return {"variant": "hc", "depth": depth, "learning_rate": 0.1, "seed": seed,
+            "final_eval_loss": loss, "diverged": diverged}
+
+  runs = [run(4, 0, 2.4), run(4, 1, 3.5), run(4, 2, 2.6), run(8, 0, 2.5), run(8, 1, 9.0, True)]
+  shallow, deep = cells(types.SimpleNamespace(grid=grid), runs)
+  assert shallow["final_eval_loss"] == pytest.approx(2.8333333)
+  assert shallow["seed_range"] == [2.4, 3.5] and shallow["diverged_seeds"] == 0
+  assert deep["final_eval_loss"] is None and deep["seed_range"] is None
+  assert (deep["seeds"], deep["diverged_seeds"]) == (2, 1)
 
 
 def test_bad_grid_is_one_line_and_exit_2(preset, tmp_path):

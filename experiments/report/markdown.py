@@ -2,7 +2,7 @@
 
 import math
 
-from experiments.report.numbers import BASELINE, SPIKE_RATIO, SPIKE_WINDOW
+from experiments.report.numbers import BASELINE, SPIKE_RATIOS, SPIKE_WINDOW
 
 
 def _pm(stats: dict) -> str:
@@ -10,23 +10,37 @@ def _pm(stats: dict) -> str:
   return f"{stats['mean']:.4f} ± {std}"
 
 
+def format_paired(delta: dict) -> str:
+  """A paired difference as `mean [low, high]` (its 95% interval), or the mean alone."""
+  if math.isnan(delta["ci95"]):
+    return f"{delta['mean']:+.4f}"
+  return (f"{delta['mean']:+.4f} [{delta['mean'] - delta['ci95']:+.4f}, "
+          f"{delta['mean'] + delta['ci95']:+.4f}]")
+
+
 def _table(summary: dict) -> list[str]:
   seeds = summary["settings"]["seeds"]
-  lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired) | per seed "
+  lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired, 95% CI) | per seed "
            f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
-           "fwd / bwd | skipped updates | loss spikes per seed | tokens/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "fwd / bwd | peak composite gain fwd / bwd | skipped updates | loss / grad-norm spikes per seed "
+           "| tokens/s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for variant, entry in summary["variants"].items():
     delta = entry.get(f"eval_loss_minus_{BASELINE}")
     gains = entry.get("final_max_gain")
-    single = composite = "–"
+    single = composite = peak = "–"
     if gains:
       single = f"{gains['forward_gain']:.3g} / {gains['backward_gain']:.3g}"
       composite = f"{gains['composite_forward_gain']:.3g} / {gains['composite_backward_gain']:.3g}"
+      peaks = entry["peak_max_gain"]
+      peak = f"{peaks['composite_forward_gain']:.3g} / {peaks['composite_backward_gain']:.3g}"
+    spike_counts = ", ".join(f"{loss} / {grad}" for loss, grad in zip(
+        entry["train_loss_spikes"].values(), entry["grad_norm_spikes"].values()))
     per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
     lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
-                 f"{_pm(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
-                 f"{entry['skipped_updates']} | {', '.join(map(str, entry['loss_spikes'].values()))} "
+                 f"{format_paired(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
+                 f"{peak} | "
+                 f"{entry['skipped_updates']} | {spike_counts} "
                  f"| {entry['tokens_per_sec_median']:,.0f} |")
   return lines
 
@@ -59,12 +73,15 @@ def markdown(summary: dict) -> str:
       "Mean ± sample standard deviation (ddof 1) over seeds. The initialisation and the data "
       "order follow the seed and are the same for every variant, and every run is evaluated on "
       "the same validation documents, so *Δ vs prenorm* (variant minus prenorm at the same "
-      "seed) is the paired difference. Gains: the largest over "
-      "sub-layers, tokens and seeds at the last diagnostics step (1 for doubly-stochastic "
-      "H_res). Skipped updates: updates dropped because their loss, gradient or new parameters "
-      "were not finite (summed over seeds). Loss spikes: logged training losses above "
-      f"{SPIKE_RATIO:g} × the median of the {SPIKE_WINDOW} logged losses before them, a run of "
-      "such points counting once. Tokens/s: median over logged steps (shared machines make "
+      "seed) is the paired difference: its mean and, in brackets, the 95% confidence interval "
+      "of that mean (Student's t over seeds; an interval that holds 0 does not tell the "
+      "variants apart). Gains: the largest over sub-layers, tokens and seeds at the last "
+      "diagnostics step (1 for doubly-stochastic H_res); peak: the largest at any diagnostics "
+      "step of training. Skipped updates: updates dropped because their loss, gradient or new parameters "
+      "were not finite (summed over seeds). Spikes: logged training losses above "
+      f"{SPIKE_RATIOS['train_loss']:g} × (gradient norms above {SPIKE_RATIOS['grad_norm']:g} ×) "
+      f"the median of the {SPIKE_WINDOW} logged values before them, a run of such points "
+      "counting once. Tokens/s: median over logged steps (shared machines make "
       "it noisy).",
       "",
       "## Loss and gradients",
