@@ -111,7 +111,9 @@ def test_summary_numbers_are_the_runs_final_eval_losses(out):
     assert set(entry["train_loss_spikes"]) == set(entry["grad_norm_spikes"]) == \
         {str(s) for s in SEEDS}
   deltas = np.subtract(final_eval_losses(out, "mhc"), final_eval_losses(out, "prenorm"))
-  paired = summary["variants"]["mhc"]["eval_loss_minus_prenorm"]
+  paired = summary["variants"]["mhc"]["eval_loss_minus"]["prenorm"]
+  assert summary["variants"]["prenorm"]["eval_loss_minus"]["mhc"]["mean"] == \
+      pytest.approx(-deltas.mean())
   assert paired["mean"] == pytest.approx(deltas.mean())
   assert paired["ci95"] == pytest.approx(12.706 * abs(deltas[1] - deltas[0]) / 2, rel=1e-4)
   # mHC's H_res is doubly stochastic: its gains stay at 1, composite ones too.

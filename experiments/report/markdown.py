@@ -26,7 +26,7 @@ def _table(summary: dict) -> list[str]:
            "| tokens/s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for variant, entry in summary["variants"].items():
-    delta = entry.get(f"eval_loss_minus_{BASELINE}")
+    delta = entry["eval_loss_minus"].get(BASELINE)
     gains = entry.get("final_max_gain")
     single = composite = peak = "–"
     if gains:
@@ -42,6 +42,17 @@ def _table(summary: dict) -> list[str]:
                  f"{peak} | "
                  f"{entry['skipped_updates']} | {spike_counts} "
                  f"| {entry['tokens_per_sec_median']:,.0f} |")
+  return lines
+
+
+def _pairs_table(summary: dict) -> list[str]:
+  variants = list(summary["variants"])
+  lines = ["| row − column | " + " | ".join(variants) + " |",
+           "|---|" + "---:|" * len(variants)]
+  for variant, entry in summary["variants"].items():
+    cells = [format_paired(entry["eval_loss_minus"][other]) if other != variant else "–"
+             for other in variants]
+    lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   return lines
 
 
@@ -83,6 +94,13 @@ def markdown(summary: dict) -> str:
       f"the median of the {SPIKE_WINDOW} logged values before them, a run of such points "
       "counting once. Tokens/s: median over logged steps (shared machines make "
       "it noisy).",
+      "",
+      "### Every pair of variants",
+      "",
+      "Final validation loss of the row's variant minus the column's, paired by seed: mean "
+      "[95% interval].",
+      "",
+      *_pairs_table(summary),
       "",
       "## Loss and gradients",
       "",

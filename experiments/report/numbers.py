@@ -113,10 +113,10 @@ def summarize(runs: list[Run], settings: dict) -> dict:
                                   for r in group} for key, ratio in SPIKE_RATIOS.items()},
              "tokens_per_sec_median": float(np.median(np.concatenate(
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
-    if BASELINE in final and variant != BASELINE:
-      # Same seed, same data order and validation set: the difference cancels what they share.
-      entry[f"eval_loss_minus_{BASELINE}"] = paired_difference(
-          [final[variant][s] - final[BASELINE][s] for s in final[variant]])
+    # Same seed, same data order and validation set: the difference cancels what they share.
+    entry["eval_loss_minus"] = {
+        other: paired_difference([final[variant][s] - final[other][s] for s in final[variant]])
+        for other in groups if other != variant}
     if has_streams(group):
       # Worst case over seeds: a gain that explodes in one seed is what stability is about.
       entry["final_max_gain"] = {
