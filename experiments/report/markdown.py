@@ -22,8 +22,8 @@ def _table(summary: dict) -> list[str]:
   seeds = summary["settings"]["seeds"]
   lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired, 95% CI) | per seed "
            f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
-           "fwd / bwd | peak composite gain fwd / bwd | skipped updates | loss / grad-norm spikes per seed "
-           "| tokens/s |",
+           "fwd / bwd | peak composite gain fwd / bwd | skipped updates | loss / grad-norm "
+           "spikes per seed | tokens/s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for variant, entry in summary["variants"].items():
     delta = entry["eval_loss_minus"].get(BASELINE)
@@ -38,10 +38,9 @@ def _table(summary: dict) -> list[str]:
         entry["train_loss_spikes"].values(), entry["grad_norm_spikes"].values()))
     per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
     lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
-                 f"{format_paired(delta) if delta else '–'} | {per_seed} | {single} | {composite} | "
-                 f"{peak} | "
-                 f"{entry['skipped_updates']} | {spike_counts} "
-                 f"| {entry['tokens_per_sec_median']:,.0f} |")
+                 f"{format_paired(delta) if delta else '–'} | {per_seed} | {single} | "
+                 f"{composite} | {peak} | {entry['skipped_updates']} | {spike_counts} | "
+                 f"{entry['tokens_per_sec_median']:,.0f} |")
   return lines
 
 
@@ -88,8 +87,8 @@ def markdown(summary: dict) -> str:
       "of that mean (Student's t over seeds; an interval that holds 0 does not tell the "
       "variants apart). Gains: the largest over sub-layers, tokens and seeds at the last "
       "diagnostics step (1 for doubly-stochastic H_res); peak: the largest at any diagnostics "
-      "step of training. Skipped updates: updates dropped because their loss, gradient or new parameters "
-      "were not finite (summed over seeds). Spikes: logged training losses above "
+      "step of training. Skipped updates: updates dropped because their loss, gradient or "
+      "new parameters were not finite (summed over seeds). Spikes: logged training losses above "
       f"{SPIKE_RATIOS['train_loss']:g} × (gradient norms above {SPIKE_RATIOS['grad_norm']:g} ×) "
       f"the median of the {SPIKE_WINDOW} logged values before them, a run of such points "
       "counting once. Tokens/s: median over logged steps (shared machines make "
