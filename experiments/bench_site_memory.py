@@ -1,7 +1,7 @@
 """Benchmark: the bytes one hyper-connection site keeps for its backward pass.
 
     python -m experiments.bench_site_memory [--batch 16] [--seq 256] [--n 4] [--dim 256]
-        [--dtype float32] [--layers 6]
+        [--dtype float32] [--layers 6] [--repeats 10]
 
 For one site `merge(X, F(aggregate(X, H_pre)), coefficients(X))` with a `[C, C]` linear
 branch and with the identity, reads from the compiled program's memory analysis the bytes
@@ -40,17 +40,25 @@ For context, the last columns give the temporary bytes of the compiled forward+b
 `--layers` such sites under `jax.lax.scan` (as the model runs its blocks with `remat="none"`;
 the scan stacks every layer's residuals). Inside one program XLA fuses what it can, so this
 is where a residual costs memory or not.
+
+A second table puts every `H_res` mapping (`mhc_jax.res_mappings.RES_MAPPINGS`) in the same
+mHC site with the linear branch: its bytes saved for the backward and the median time of the
+jitted forward+backward over `--repeats` runs, both against the Sinkhorn site. The
+orthostochastic mapping is listed with its two Newton-Schulz schedules, and once with plain
+autodiff through its iterations instead of the library's recomputation from the logits.
 """
 
 import argparse
 import contextlib
 import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mhc_jax import mappings
+from mhc_jax import mappings, res_mappings
 from mhc_jax.streams import aggregate, merge
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -121,14 +129,35 @@ def maxtext_site(config, branch):
 
 
 @contextlib.contextmanager
-def plain_autodiff():
-  """Traces within see the plain formula in place of `mappings.rms_projection`."""
-  custom = mappings.rms_projection
-  mappings.rms_projection = plain_rms_projection
+def replaced(module, name: str, value):
+  """Traces within see `value` in place of `module.name`."""
+  original = getattr(module, name)
+  setattr(module, name, value)
   try:
     yield
   finally:
-    mappings.rms_projection = custom
+    setattr(module, name, original)
+
+
+def plain_autodiff():
+  """Traces within see the plain formula in place of `mappings.rms_projection`."""
+  return replaced(mappings, "rms_projection", plain_rms_projection)
+
+
+# H_res mapping rows: label -> (MHCConfig options, context the site is traced in).
+ORTHO_AUTODIFF = "orthostochastic, plain autodiff"
+RES_ROWS = {
+    "sinkhorn": ({}, contextlib.nullcontext),
+    "permutations": ({"res_mapping": "permutations"}, contextlib.nullcontext),
+    "kromhc": ({"res_mapping": "kromhc"}, contextlib.nullcontext),
+    "orthostochastic": ({"res_mapping": "orthostochastic"}, contextlib.nullcontext),
+    ORTHO_AUTODIFF: ({"res_mapping": "orthostochastic"},
+                     lambda: replaced(res_mappings, "orthostochastic",
+                                      res_mappings.newton_schulz_square)),
+    "orthostochastic, tokenbender schedule": (
+        {"res_mapping": "orthostochastic", "orthostochastic_schedule": "tokenbender"},
+        contextlib.nullcontext),
+}
 
 
 def site(config, branch):
@@ -172,6 +201,51 @@ def saved_bytes(f, *args) -> int:
   return residuals.lower(*args).compile().memory_analysis().output_size_in_bytes
 
 
+def fwd_bwd_seconds(f, streams, params, repeats: int) -> float:
+  """Median wall time of the jitted gradient of `sum(f(streams, params) * cotangent)`."""
+  cotangent = jnp.asarray(np.random.default_rng(2).normal(size=streams.shape), jnp.float32)
+  step = jax.jit(jax.grad(lambda x, p, g: jnp.sum(f(x, p).astype(jnp.float32) * g),
+                          argnums=(0, 1)))
+  jax.block_until_ready(step(streams, params, cotangent))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(streams, params, cotangent))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def print_res_mapping_table(args, streams, branch_weight) -> None:
+  """One row per `RES_ROWS` entry, see the module docstring; mappings that do not support
+  `--n` are listed as such."""
+  stream_bytes = streams.size * streams.dtype.itemsize
+  print(f"\nmHC site (linear branch) per H_res mapping; time: median of {args.repeats} jitted "
+        f"forward+backward runs")
+  print("| H_res mapping | res logits | saved MiB | stream arrays | vs sinkhorn | fwd+bwd ms "
+        "| vs sinkhorn |")
+  print("|---|---|---|---|---|---|---|")
+  rows = {}
+  for label, (options, context) in RES_ROWS.items():
+    try:
+      config = mappings.MHCConfig(args.n, args.dim, **options)
+    except ValueError as error:
+      rows[label] = f"not for n = {args.n}: {error}"
+      continue
+    f = site(config, BRANCHES["linear [C, C]"])
+    params = (config.init_params(jax.random.key(0)), branch_weight)
+    with context():
+      rows[label] = (config.num_res_logits, saved_bytes(f, streams, params),
+                     fwd_bwd_seconds(f, streams, params, args.repeats))
+  _, base_saved, base_seconds = rows["sinkhorn"]
+  for label, row in rows.items():
+    if isinstance(row, str):
+      print(f"| {label} | - | {row} | | | | |")
+      continue
+    logits, saved, seconds = row
+    print(f"| {label} | {logits} | {saved / 2**20:.2f} | {saved / stream_bytes:.2f} | "
+          f"{saved / base_saved:.3f}x | {seconds * 1e3:.2f} | {seconds / base_seconds:.2f}x |")
+
+
 def scanned_step_temp_bytes(f, streams, params, layers: int) -> int:
   stacked = jax.tree.map(lambda a: jnp.stack([a] * layers), params)
 
@@ -192,6 +266,7 @@ def main(argv=None) -> None:
   parser.add_argument("--dim", type=int, default=256)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--layers", type=int, default=6)
+  parser.add_argument("--repeats", type=int, default=10)
   args = parser.parse_args(argv)
 
   rng = np.random.default_rng(0)
@@ -237,6 +312,7 @@ def main(argv=None) -> None:
       print(f"| {site_name} | {branch_name} | {path} | {saved / 2**20:.2f} | "
             f"{saved / stream_bytes:.2f} | {ratios(1, saved)} | {temp / 2**20:.2f} | "
             f"{ratios(2, temp)} |")
+  print_res_mapping_table(args, streams, branch_weight)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ class HyperConnection(SiteMixin, _ParamsModule):
 
 
 class ManifoldHyperConnection(SiteMixin, _ParamsModule):
-  """mHC (or mHC-lite with `res_mapping="permutations"`), configured by an `MHCConfig`."""
+  """mHC (or mHC-lite, KromHC, orthostochastic H_res: `MHCConfig.res_mapping`), configured by
+  an `MHCConfig`."""
 
   config: MHCConfig
 

@@ -9,7 +9,6 @@ one token at a time (causal).
 
 import dataclasses
 import functools
-import itertools
 import math
 from typing import Literal
 
@@ -18,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax.checks import check_int
-from mhc_jax.sinkhorn import BACKENDS, sinkhorn_knopp
+from mhc_jax.res_mappings import NEWTON_SCHULZ_SCHEDULES, RES_MAPPINGS, ResMapping
+from mhc_jax.sinkhorn import BACKENDS
 from mhc_jax.streams import Coefficients
 
 Params = dict[str, jax.Array]
 _HIGHEST = jax.lax.Precision.HIGHEST
-MAX_PERMUTATION_STREAMS = 6  # 6! = 720 permutation matrices; 7! = 5040 is past any use
 
 
 def _check_nonnegative(name: str, value) -> None:
@@ -118,19 +117,6 @@ def one_hot_logits(num_streams: int, layer_index: int, on: float, off: float) ->
   return logits
 
 
-def identity_logit_gap(num_choices: int, identity_weight: float) -> float:
-  """Logit gap that gives the identity `identity_weight` of a softmax over `num_choices`."""
-  if num_choices == 1:
-    return 0.0
-  return math.log(identity_weight * (num_choices - 1) / (1.0 - identity_weight))
-
-
-def permutation_matrices(num_streams: int) -> np.ndarray:
-  """All `n!` permutation matrices `[n!, n, n]`, the identity first."""
-  perms = list(itertools.permutations(range(num_streams)))
-  return np.stack([np.eye(num_streams, dtype=np.float32)[list(p)] for p in perms])
-
-
 # --------------------------------------------------------------------------------------------
 # Hyper-Connections (Zhu et al., arXiv:2409.19606)
 
@@ -208,11 +194,16 @@ class MHCConfig:
       mixes  = (vec(X) @ phi) * rsqrt(mean(vec(X)^2) + norm_eps)      # norm after the matmul
       H_pre  = sigmoid(alpha[0] * mixes_pre  + bias_pre) + pre_eps
       H_post = 2 * sigmoid(alpha[1] * mixes_post + bias_post)
-      H_res  = SinkhornKnopp(alpha[2] * mat(mixes_res) + bias_res)    # res_mapping="sinkhorn"
-             = sum_k softmax(alpha[2] * mixes_res + bias_res)_k P_k   # res_mapping="permutations"
+      H_res  = res_mapping(alpha[2] * mixes_res + bias_res)
 
-  `phi` is `[n*C, 2n + R]` with column blocks pre `[0:n]`, post `[n:2n]`, res `[2n:]`
-  (`R = n²`, row-major `H_res` logits; or `R = n!` for mHC-lite's permutation mixture).
+  `res_mapping` (`mhc_jax.res_mappings.RES_MAPPINGS`): "sinkhorn" (mHC: SinkhornKnopp of
+  the row-major `[n, n]` logits, `R = n²`), "permutations" (mHC-lite: `sum_k softmax_k P_k`
+  over the `R = n!` permutation matrices), "kromhc" (KromHC: a Kronecker product of 2x2
+  doubly-stochastic factors, `R = 2 log2 n`, n a power of two) or "orthostochastic"
+  (tokenbender's: `O ∘ O`, `O` from Newton-Schulz on the row-major `[n, n]` logits, `R = n²`,
+  schedule `orthostochastic_schedule`: "converged" (to float32 rounding) or "tokenbender"
+  (their 5 steps, approximately doubly stochastic)).
+  `phi` is `[n*C, 2n + R]` with column blocks pre `[0:n]`, post `[n:2n]`, res `[2n:]`.
   `use_pre/use_post/use_res = False` is the paper's ablation: `1/n`, `1`, identity.
   `sinkhorn_backend`: see `mhc_jax.sinkhorn_knopp` ("auto": XLA on every platform until a
   Pallas kernel is validated there; "pallas" opts in).
@@ -224,9 +215,14 @@ class MHCConfig:
     * `bias_pre = +1` at stream `layer_index mod n`, `-1` elsewhere: with equal streams the
       branch input is a multiple of `x`, which the block's own norm removes; the asymmetry
       breaks the symmetry between streams in the backward pass, as HC's one-hot `A_m` does.
-    * `bias_res`: a logit gap on the identity such that `H_res` (or the identity
-      permutation's weight) starts at `res_init_identity = 0.95`: near the identity, yet
-      `H(1-H)` ≈ 0.05 keeps the Sinkhorn gradient alive (a gap of 20 would freeze it).
+    * `bias_res`: the mapping's `init_bias`, such that `H_res` starts at identity weight
+      `res_init_identity = 0.95`: near the identity, yet `H(1-H)` ≈ 0.05 keeps the gradient
+      alive (a Sinkhorn logit gap of 20 would freeze it). The diagonal of `H_res` is 0.95 for
+      "sinkhorn" (a logit gap on the diagonal), "kromhc" (every factor keeps
+      `0.95^(1/log2 n)`) and "orthostochastic" (logits an orthogonal `O_0` with
+      `O_0,ii² = 0.95`); for "permutations" the identity permutation's weight is 0.95.
+      With `orthostochastic_schedule="tokenbender"` that start is scaled by its unconverged
+      `p⁵(1/sqrt(n))²` (rows sum to 0.982, 1.005, 0.983 at n = 2, 4, 8).
     * `phi ~ N(0, 1/(n C))`: `mixes` start as unit-variance token-dependent signals, so the
       dynamic part of every logit starts at about `alpha = 0.01`.
   """
@@ -234,10 +230,11 @@ class MHCConfig:
   num_streams: int
   dim: int
   layer_index: int = 0
-  res_mapping: Literal["sinkhorn", "permutations"] = "sinkhorn"
+  res_mapping: Literal["sinkhorn", "permutations", "kromhc", "orthostochastic"] = "sinkhorn"
   sinkhorn_iters: int = 20
   sinkhorn_eps: float = 0.0
   sinkhorn_backend: str = "auto"
+  orthostochastic_schedule: str = "converged"
   pre_eps: float = 0.0
   norm_eps: float = 1e-6
   use_pre: bool = True
@@ -256,32 +253,38 @@ class MHCConfig:
     if self.sinkhorn_backend not in BACKENDS:
       raise ValueError(f"sinkhorn_backend must be one of {', '.join(BACKENDS)}; got "
                        f"{self.sinkhorn_backend!r}")
-    if self.res_mapping not in ("sinkhorn", "permutations"):
-      raise ValueError(
-          f"res_mapping must be 'sinkhorn' or 'permutations', got {self.res_mapping!r}")
-    if self.res_mapping == "permutations" and self.num_streams > MAX_PERMUTATION_STREAMS:
-      raise ValueError(f"num_streams must be <= {MAX_PERMUTATION_STREAMS} with "
-                       f"res_mapping='permutations' (n! mixtures), got {self.num_streams}")
+    if self.orthostochastic_schedule not in NEWTON_SCHULZ_SCHEDULES:
+      raise ValueError(f"orthostochastic_schedule must be one of "
+                       f"{', '.join(NEWTON_SCHULZ_SCHEDULES)}; got "
+                       f"{self.orthostochastic_schedule!r}")
+    if self.res_mapping not in RES_MAPPINGS:
+      raise ValueError(f"res_mapping must be one of {', '.join(RES_MAPPINGS)}; got "
+                       f"{self.res_mapping!r}")
+    self.res_spec.check(self)
     if not 0.0 < self.res_init_identity < 1.0:
       raise ValueError(f"res_init_identity must be in (0, 1), got {self.res_init_identity!r}")
 
   @property
+  def res_spec(self) -> ResMapping:
+    """The `res_mapping`'s entry in `RES_MAPPINGS`: what parameter counts, FLOPs and
+    initialisation read about it."""
+    return RES_MAPPINGS[self.res_mapping]
+
+  @property
   def num_res_logits(self) -> int:
-    if self.res_mapping == "permutations":
-      return math.factorial(self.num_streams)
-    return self.num_streams**2
+    return self.res_spec.num_logits(self.num_streams)
+
+  @property
+  def res_matmul_flops(self) -> int:
+    """Forward matmul FLOPs per token from the res logits to `H_res` (not `phi`'s)."""
+    return self.res_spec.matmul_flops(self)
 
   def init_params(self, key: jax.Array) -> Params:
     n, c = self.num_streams, self.dim
     width = 2 * n + self.num_res_logits
-    if self.res_mapping == "permutations":
-      bias_res = np.zeros((self.num_res_logits,), np.float32)
-      bias_res[0] = identity_logit_gap(self.num_res_logits, self.res_init_identity)
-    else:
-      bias_res = (np.eye(n, dtype=np.float32) *
-                  identity_logit_gap(n, self.res_init_identity)).reshape(-1)
     bias = np.concatenate([one_hot_logits(n, self.layer_index, 1.0, -1.0),
-                           np.zeros((n,), np.float32), bias_res])
+                           np.zeros((n,), np.float32),
+                           self.res_spec.init_bias(n, self.res_init_identity)])
     return {
         "phi": jax.random.normal(key, (n * c, width), jnp.float32) / math.sqrt(n * c),
         "alpha": jnp.full((3,), self.alpha_init, jnp.float32),
@@ -306,14 +309,7 @@ class MHCConfig:
     if not self.use_res:
       h_res = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (*batch, n, n))
     else:
-      res_logits = alpha[2] * mixes[..., 2 * n:] + bias[2 * n:]
-      if self.res_mapping == "permutations":
-        weights = jax.nn.softmax(res_logits, axis=-1)
-        h_res = jnp.einsum("...k,kij->...ij", weights, permutation_matrices(n),
-                           precision=_HIGHEST)
-      else:
-        h_res = sinkhorn_knopp(res_logits.reshape(*batch, n, n), self.sinkhorn_iters,
-                               eps=self.sinkhorn_eps, backend=self.sinkhorn_backend)
+      h_res = self.res_spec.h_res(alpha[2] * mixes[..., 2 * n:] + bias[2 * n:], self)
     return Coefficients(h_pre, h_post, h_res)
 
 

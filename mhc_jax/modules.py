@@ -52,8 +52,8 @@ class HyperConnection(SiteMixin, _ParamsModule):
 
 
 class ManifoldHyperConnection(SiteMixin, _ParamsModule):
-  """mHC (DeepSeek) at one site, or mHC-lite with `res_mapping="permutations"`; options:
-  see `mappings.MHCConfig`.
+  """mHC (DeepSeek) at one site; `res_mapping` picks H_res: "permutations" (mHC-lite),
+  "kromhc", "orthostochastic" (see `mhc_jax.res_mappings`); options: `mappings.MHCConfig`.
 
       mhc = ManifoldHyperConnection(num_streams=4, dim=512, layer_index=i, rngs=nnx.Rngs(0))
       streams = mhc(streams, lambda x: mlp(norm(x)))

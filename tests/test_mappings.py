@@ -1,6 +1,8 @@
 """`mappings.rms_projection` (custom VJP) and the coefficient paths that use it, against
 autodiff of the plain formula in float64."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,14 +101,64 @@ def mhc_site(cfg, params, x, w):
   return merge(x, branch(aggregate(x, coefficients.h_pre), w), coefficients)
 
 
+# ---- H_res from its logits, one token at a time, from the papers' formulas
+
+
+def square(logits):
+  n = int(round(np.sqrt(logits.shape[-1])))
+  return logits.reshape(*logits.shape[:-1], n, n)
+
+
+def kromhc_reference(logits):
+  """KromHC: `U_1 ⊗ ... ⊗ U_K`, `U_k = [[p, 1-p], [1-p, p]]`, `p = softmax(pair k)[0]`."""
+  h = jnp.ones((1, 1), logits.dtype)
+  for pair in logits.reshape(-1, 2):
+    p = jnp.exp(pair[0]) / jnp.sum(jnp.exp(pair))
+    h = jnp.kron(h, jnp.stack([jnp.stack([p, 1 - p]), jnp.stack([1 - p, p])]))
+  return h
+
+
+def polar_square_reference(logits):
+  """`O ∘ O` with `O = U Vᵀ` the exact polar factor (SVD): what a converged Newton-Schulz
+  iteration reaches."""
+  u, _, vt = jnp.linalg.svd(logits)
+  return jnp.square(u @ vt)
+
+
+def tokenbender_reference(logits):
+  """tokenbender's `orthostochastic_project` with its defaults: 5 steps of
+  `X <- 3 X + (-3.2 A + 1.2 A²) X`, `A = X Xᵀ`, from `X = logits / (||logits||_F + 1e-7)`."""
+  x = logits / (jnp.linalg.norm(logits) + 1e-7)
+  for _ in range(5):
+    a = x @ x.T
+    x = 3.0 * x + (-3.2 * a + 1.2 * a @ a) @ x
+  return x * x
+
+
+def permutations_reference(logits, n):
+  perms = np.stack([np.eye(n)[list(q)] for q in itertools.permutations(range(n))])
+  return jnp.einsum("...k,kij->...ij", jax.nn.softmax(logits, -1), jnp.asarray(perms))
+
+
+def reference_h_res(cfg: MHCConfig, logits):
+  """`[..., R]` -> `[..., n, n]`, float64, for `cfg.res_mapping`."""
+  if cfg.res_mapping == "sinkhorn":
+    return sinkhorn_reference(square(logits), cfg.sinkhorn_iters, cfg.sinkhorn_eps)
+  if cfg.res_mapping == "permutations":
+    return permutations_reference(logits, cfg.num_streams)
+  if cfg.res_mapping == "kromhc":
+    return jnp.vectorize(kromhc_reference, signature="(r)->(n,n)")(logits)
+  one = {"converged": polar_square_reference,
+         "tokenbender": tokenbender_reference}[cfg.orthostochastic_schedule]
+  return jnp.vectorize(one, signature="(n,n)->(n,n)")(square(logits))
+
+
 def mhc_site_reference(cfg, p, x, w):
   n = cfg.num_streams
   mixes = plain_rms_projection(x.reshape(*x.shape[:-2], -1), p["phi"], cfg.norm_eps)
   h_pre = jax.nn.sigmoid(p["alpha"][0] * mixes[..., :n] + p["bias"][:n]) + cfg.pre_eps
   h_post = 2 * jax.nn.sigmoid(p["alpha"][1] * mixes[..., n:2 * n] + p["bias"][n:2 * n])
-  logits = p["alpha"][2] * mixes[..., 2 * n:] + p["bias"][2 * n:]
-  h_res = sinkhorn_reference(logits.reshape(*logits.shape[:-1], n, n), cfg.sinkhorn_iters,
-                             cfg.sinkhorn_eps)
+  h_res = reference_h_res(cfg, p["alpha"][2] * mixes[..., 2 * n:] + p["bias"][2 * n:])
   out = branch(jnp.einsum("...n,...nc->...c", h_pre, x), w)
   return jnp.einsum("...kj,...jc->...kc", h_res, x) + h_post[..., None] * out[..., None, :]
 
@@ -121,10 +173,21 @@ def head_reference(cfg, p, x):
   return jnp.einsum("...n,...nc->...c", weights, x)
 
 
-def site_and_head_vjps(dtype):
-  """-> (library, reference): {name: (value, gradients)} of an mHC site and a head at `dtype`."""
-  mhc = MHCConfig(N, C, pre_eps=1e-3, sinkhorn_eps=1e-3, sinkhorn_iters=7,
-                  sinkhorn_backend="xla")
+# Every res_mapping (and orthostochastic schedule) the site tests run, as MHCConfig options.
+RES_OPTIONS = {
+    "sinkhorn": dict(sinkhorn_eps=1e-3, sinkhorn_iters=7, sinkhorn_backend="xla"),
+    "permutations": dict(res_mapping="permutations"),
+    "kromhc": dict(res_mapping="kromhc"),
+    "orthostochastic": dict(res_mapping="orthostochastic"),
+    "orthostochastic_tokenbender": dict(res_mapping="orthostochastic",
+                                        orthostochastic_schedule="tokenbender"),
+}
+
+
+def site_and_head_vjps(dtype, res="sinkhorn"):
+  """-> (library, reference): {name: (value, gradients)} of an mHC site (H_res mapping `res`,
+  a key of RES_OPTIONS) and a head at `dtype`."""
+  mhc = MHCConfig(N, C, pre_eps=1e-3, **RES_OPTIONS[res])
   hc_head = HeadConfig(N, C, eps=1e-3)
   x = random(10, (2, 3, N, C), dtype, scale=2.0)
   site_args = (random_mhc_params(mhc, 11, dtype), x, random(13, (C, C), dtype, 1 / np.sqrt(C)))
@@ -149,16 +212,18 @@ def assert_close(got, want, tolerance):
       assert rel_err(g, ref) < tolerance, (name, jax.tree_util.keystr(path))
 
 
-def test_mhc_site_and_head_float64_match_autodiff_of_plain_formula():
+@pytest.mark.parametrize("res", RES_OPTIONS)
+def test_mhc_site_and_head_float64_match_autodiff_of_plain_formula(res):
   with jax.enable_x64(True):
-    library, reference = site_and_head_vjps(np.float64)
+    library, reference = site_and_head_vjps(np.float64, res)
   assert_close(library, reference, 1e-12)
 
 
-def test_mhc_site_and_head_float32_match_float64():
-  library, _ = site_and_head_vjps(np.float32)
+@pytest.mark.parametrize("res", RES_OPTIONS)
+def test_mhc_site_and_head_float32_match_float64(res):
+  library, _ = site_and_head_vjps(np.float32, res)
   with jax.enable_x64(True):
-    _, reference = site_and_head_vjps(np.float64)
+    _, reference = site_and_head_vjps(np.float64, res)
     reference = jax.tree.map(lambda a: a.astype(np.float32), reference)
   assert_close(library, reference, 1e-5)
 
@@ -171,12 +236,14 @@ def saved_bytes(f, *args) -> int:
   return residuals.lower(*args).compile().memory_analysis().output_size_in_bytes
 
 
+@pytest.mark.parametrize("res", ["sinkhorn", "permutations", "kromhc", "orthostochastic"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_coefficients_keep_only_the_streams_for_the_backward(dtype):
-  # Enough tokens, wide enough, that phi and the per-token arrays (projection, rsqrt, Sinkhorn
-  # logits, ...) are small next to the streams: a second stream-sized residual cannot hide.
+def test_coefficients_keep_only_the_streams_for_the_backward(dtype, res):
+  # Enough tokens, wide enough, that phi and the per-token arrays (projection, rsqrt, H_res
+  # logits, ...) are small next to the streams: a second stream-sized residual cannot hide,
+  # nor Newton-Schulz iterates kept by autodiff (16 steps, about 3.2 n² floats each per token).
   n, c = 4, 256
-  mhc, hc_head = MHCConfig(n, c, sinkhorn_backend="xla"), HeadConfig(n, c)
+  mhc, hc_head = MHCConfig(n, c, **RES_OPTIONS[res]), HeadConfig(n, c)
   x = random(20, (512, n, c), dtype)
   stream_bytes = x.size * x.dtype.itemsize
   mhc_saved = saved_bytes(lambda x, p: mhc.coefficients(p, x), x,

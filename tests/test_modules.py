@@ -185,7 +185,7 @@ def hyper_network(x, sites, branches):
   return rms_norm(mhc_jax.reduce_streams(streams))
 
 
-@pytest.mark.parametrize("res_mapping", ["sinkhorn", "permutations"])
+@pytest.mark.parametrize("res_mapping", ["sinkhorn", "permutations", "kromhc", "orthostochastic"])
 def test_fresh_mhc_network_is_close_to_prenorm_baseline(res_mapping):
   layers = 8
   weights = [random(10 + i, (C, C), 1 / np.sqrt(C)) for i in range(layers)]
