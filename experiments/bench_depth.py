@@ -8,7 +8,8 @@ For each residual variant, layer layout (`ModelConfig.scan_layers`) and depth, b
 seconds to trace and lower it, the seconds XLA takes to compile it, and the compiled program's
 temporary bytes. Defaults are the stability preset's model (`gin_configs/compare/stability.gin`:
 width 32, 2 heads, MLP 128, 64 x 16 tokens). Ratios are to the shallowest depth of the same
-variant and layout, measured in the same run. Nothing is executed: build cost only.
+variant and layout, measured in the same run. Nothing is executed: build cost only. Each row
+is printed when measured; progress and the estimated time left go to stderr.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import time
 
 import jax
 
+from experiments.bench_progress import RowProgress
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
@@ -61,6 +63,8 @@ def main(argv=None) -> None:
     if unknown:
       parser.error(f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
 
+  progress = RowProgress(len(variants) * len(layouts) * len(depths),
+                         "each a train step lowered and compiled")
   print(f"Train-step build cost vs depth: d_model {args.d_model}, {args.heads} heads, mlp "
         f"{args.mlp_dim}, seq {args.seq}, batch {args.batch}, remat {args.remat}, float32, on "
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
@@ -77,6 +81,7 @@ def main(argv=None) -> None:
         print(f"| {variant} | {layout} | {depth} | {cost['lower']:.2f} | {cost['compile']:.2f} "
               f"| {build:.2f} | {build / first:.2f}x | {cost['temp_bytes'] / 2**20:.2f} |",
               flush=True)
+        progress.row_done(f"{variant} {layout} depth {depth}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,13 @@
 Times the real `Trainer.train_step` (forward, backward, clipping, AdamW update, non-finite
 guard) on random token batches, float32, scanned layers, on whatever device JAX picked, and
 reads the compiled step's temporary bytes from its memory analysis, for every variant under
-every remat policy given. Every number is also given as a ratio to `prenorm` without remat,
-measured in the same run (it is always measured).
+every remat policy given. Every number is also given as a ratio to `prenorm` without remat
+(always measured, first). Each row is printed as soon as it is measured; progress and the
+estimated time left go to stderr.
+
+Step-time ratios are paired: a row's steps are timed alternately with the baseline's, and the
+ratio is that of their medians (the baseline's median is printed beside it). On a shared
+machine the load drifts over minutes; steps timed side by side see the same load.
 """
 
 import argparse
@@ -17,6 +22,7 @@ import time
 import jax
 import numpy as np
 
+from experiments.bench_progress import RowProgress
 from mhc_jax.lm.model import REMAT_POLICIES, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.residuals import RESIDUALS
@@ -64,38 +70,63 @@ def timed_step(run) -> float:
   return time.perf_counter() - start
 
 
-def measure(rows: list[tuple[str, str]], args) -> dict[tuple[str, str], dict]:
-  """Builds and warms up every (variant, remat) row, then times them round-robin: on a shared
-  machine the load from other jobs drifts over minutes, and this spreads it over every row."""
-  runs = {}
-  for variant, remat in rows:
-    trainer, state, batch = build(variant, remat, args)
-    runs[variant, remat] = {"trainer": trainer, "state": state, "batch": batch, "times": [],
-                     "params": trainer.num_params, "temp_bytes": temp_bytes(trainer, args)}
-    timed_step(runs[variant, remat])  # compile and warm up
-  for _ in range(args.steps):
-    for run in runs.values():
-      run["times"].append(timed_step(run))
-  return {name: {"params": run["params"], "seconds": float(np.median(run["times"])),
-                 "temp_bytes": run["temp_bytes"]} for name, run in runs.items()}
+def start(variant: str, remat: str, args) -> dict:
+  """A row ready to time: its trainer, state and batch, compiled and warmed up."""
+  trainer, state, batch = build(variant, remat, args)
+  run = {"trainer": trainer, "state": state, "batch": batch, "params": trainer.num_params,
+         "temp_bytes": temp_bytes(trainer, args)}
+  timed_step(run)  # compile and warm up
+  return run
 
 
-def print_table(results: dict[tuple[str, str], dict], args) -> None:
-  base = results[BASELINE]
+def paired_seconds(run: dict, baseline: dict, steps: int) -> tuple[float, float]:
+  """Median step seconds of `run` and of `baseline`, their steps timed alternately."""
+  times, baseline_times = [], []
+  for _ in range(steps):
+    baseline_times.append(timed_step(baseline))
+    times.append(timed_step(run))
+  return float(np.median(times)), float(np.median(baseline_times))
+
+
+HEADER = (f"| {'variant':<13} | {'remat':<7} | {'params':>9} | {'step ms':>8} | "
+          f"{'prenorm ms':>10} | {'vs prenorm':>10} | {'overhead':>8} | {'temp MiB':>8} | "
+          f"{'vs prenorm':>10} |")
+
+
+def print_header(args) -> None:
   print(f"Train step (fwd+bwd+AdamW), d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads, mlp {args.mlp_dim}, seq {args.seq}, batch {args.batch}, float32, "
         f"n={NUM_STREAMS}, on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"median of {args.steps}")
-  header = f"| {'variant':<13} | {'remat':<7} | {'params':>9} | {'step ms':>8} | " \
-           f"{'vs prenorm':>10} | {'overhead':>8} | {'temp MiB':>8} | {'vs prenorm':>10} |"
-  print(header)
-  print("|" + "|".join("-" * len(col) for col in header.split("|")[1:-1]) + "|")
-  for (name, remat), r in results.items():
-    ratio = r["seconds"] / base["seconds"]
-    print(f"| {name:<13} | {remat:<7} | {r['params']:>9,} | {r['seconds'] * 1e3:8.1f} | "
-          f"{ratio:9.2f}x | "
-          f"{(ratio - 1) * 100:7.1f}% | {r['temp_bytes'] / 2**20:8.1f} | "
-          f"{r['temp_bytes'] / base['temp_bytes']:9.2f}x |")
+        f"median of {args.steps}, each row's steps alternating with prenorm's")
+  print(HEADER)
+  print("|" + "|".join("-" * len(col) for col in HEADER.split("|")[1:-1]) + "|", flush=True)
+
+
+def print_row(name: str, remat: str, run: dict, seconds: float, baseline_seconds: float,
+              baseline_temp_bytes: int) -> None:
+  """One table row; `baseline_seconds`: the baseline's median over the same stretch of time."""
+  ratio = seconds / baseline_seconds
+  print(f"| {name:<13} | {remat:<7} | {run['params']:>9,} | {seconds * 1e3:8.1f} | "
+        f"{baseline_seconds * 1e3:10.1f} | {ratio:9.2f}x | {(ratio - 1) * 100:7.1f}% | "
+        f"{run['temp_bytes'] / 2**20:8.1f} | {run['temp_bytes'] / baseline_temp_bytes:9.2f}x |",
+        flush=True)
+
+
+def measure_and_print(rows: list[tuple[str, str]], args) -> None:
+  """The baseline row (timed alone), then every other row, each printed when measured."""
+  progress = RowProgress(len(rows), f"each built, compiled, warmed up and timed for "
+                         f"{args.steps} steps, alternating with prenorm's")
+  print_header(args)
+  baseline = start(*BASELINE, args)
+  seconds = float(np.median([timed_step(baseline) for _ in range(args.steps)]))
+  print_row(*BASELINE, baseline, seconds, seconds, baseline["temp_bytes"])
+  progress.row_done(" ".join(BASELINE))
+  for variant, remat in rows[1:]:
+    run = start(variant, remat, args)
+    print_row(variant, remat, run, *paired_seconds(run, baseline, args.steps),
+              baseline["temp_bytes"])
+    progress.row_done(f"{variant} {remat}")
+    del run  # its state and compiled step: only the baseline's stay alive
 
 
 def main(argv=None) -> None:
@@ -122,7 +153,7 @@ def main(argv=None) -> None:
       parser.error(f"unknown {name}(s) {', '.join(unknown)}; choose from {', '.join(allowed)}")
   # The baseline runs first so every ratio has its denominator.
   rows = [(v, r) for v in dict.fromkeys(variants) for r in dict.fromkeys(policies)]
-  print_table(measure([BASELINE] + [row for row in rows if row != BASELINE], args), args)
+  measure_and_print([BASELINE] + [row for row in rows if row != BASELINE], args)
 
 
 if __name__ == "__main__":

@@ -540,7 +540,7 @@ def write_report(out: pathlib.Path, settings: Settings, task: word_problems.Task
 
 
 def parse_args(argv):
-  parser = argparse.ArgumentParser(prog="retrofit", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog="retrofit", description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="cpu",
                       help="name in gin_configs/retrofit/ (cpu) or a .gin path")
   parser.add_argument("--out", required=True, help="report folder; runs go to OUT/runs/")

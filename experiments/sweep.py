@@ -35,7 +35,7 @@ import sys
 
 import gin
 
-from mhc_jax.lm import distributed, presets, train as train_lib
+from mhc_jax.lm import cli, distributed, presets, train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,9 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
       continue
     if lead:
       print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
-    configs, bindings = presets.parse(run.gin_files, run.bindings)
+    # As mhc-train composes them (what run_local's subprocesses get).
+    configs, bindings = presets.parse(presets.compose(run.gin_files, cli.DEFAULT_PRESET),
+                                      run.bindings)
     with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
       train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run (tiny sizes): they must not rot between measurements."""
 
 from experiments import bench_site_memory, bench_train_step
+from experiments.bench_progress import RowProgress
 from kernels_pallas.sinkhorn import bench
 
 
@@ -13,12 +14,45 @@ def test_sinkhorn_benchmark_tables(capsys):
   assert "| 2^8 | custom VJP (XLA) |" in out
 
 
-def test_train_step_benchmark_table(capsys):
+def table_rows(out: str) -> dict[tuple[str, str], list[str]]:
+  """A printed markdown table's body rows by their first two cells."""
+  rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.splitlines()
+          if line.startswith("| ") and not line.startswith("| variant")]
+  return {(row[0], row[1]): row[2:] for row in rows}
+
+
+def test_train_step_benchmark_prints_each_row_when_measured_with_paired_ratios(capsys,
+                                                                               monkeypatch):
+  # Real steps run, but each reports a fixed time, so the arithmetic can be checked exactly:
+  # prenorm 10 ms, mhc 15 ms. mhc's steps must see prenorm's row already printed.
+  printed = []
+  real_step = bench_train_step.timed_step
+
+  def fixed_time_step(run):
+    real_step(run)
+    printed.append(capsys.readouterr())
+    residual = run["trainer"].model_config.residual
+    if residual == "mhc":
+      assert ("prenorm", "none") in table_rows("".join(p.out for p in printed))
+    return {"prenorm": 0.010, "mhc": 0.015}[residual]
+
+  monkeypatch.setattr(bench_train_step, "timed_step", fixed_time_step)
   bench_train_step.main(["--d_model", "16", "--layers", "1", "--heads", "2", "--mlp_dim", "32",
-                         "--seq", "8", "--batch", "2", "--steps", "1",
+                         "--seq", "8", "--batch", "2", "--steps", "2",
                          "--variants", "prenorm,mhc"])
-  out = capsys.readouterr().out
-  assert "| prenorm " in out and "| mhc " in out and "1.00x" in out
+  printed.append(capsys.readouterr())
+  out, err = "".join(p.out for p in printed), "".join(p.err for p in printed)
+  rows = table_rows(out)
+  assert list(rows) == [("prenorm", "none"), ("mhc", "none")]
+  # Columns: params | step ms | prenorm ms | vs prenorm | overhead | temp MiB | vs prenorm
+  assert rows["prenorm", "none"][1:5] == ["10.0", "10.0", "1.00x", "0.0%"]
+  assert rows["mhc", "none"][1:5] == ["15.0", "10.0", "1.50x", "50.0%"]
+  assert int(rows["mhc", "none"][0].replace(",", "")) > int(
+      rows["prenorm", "none"][0].replace(",", ""))
+  progress = err.splitlines()
+  assert progress[0].startswith("2 rows (each built, compiled, warmed up and timed for 2 steps")
+  assert progress[1].startswith("[1/2] prenorm none took ") and "estimated total" in progress[1]
+  assert progress[2].startswith("[2/2] mhc none took ") and "all done in" in progress[2]
 
 
 def test_site_memory_benchmark_table(capsys):
@@ -34,3 +68,18 @@ def test_site_memory_benchmark_table(capsys):
     # Columns: ... | saved MiB | stream arrays | vs autodiff | vs MaxText formulation | ...
     vs_maxtext = [float(row.split("|")[7].strip().rstrip("x")) for row in rows]
     assert vs_maxtext[0] == 1.0 and vs_maxtext[2] < vs_maxtext[1] < 1.0
+
+
+def test_row_progress_estimates_the_total_after_the_first_row_then_the_time_left(capsys):
+  now = iter([100.0, 160.0, 250.0, 280.0, 400.0])  # start, then the end of each row
+  progress = RowProgress(4, "each compiled and timed", clock=lambda: next(now))
+  for label in ("prenorm", "hc", "mhc", "mhc_lite"):
+    progress.row_done(label)
+  captured = capsys.readouterr()
+  assert captured.out == ""  # the tables own stdout
+  assert captured.err.splitlines() == [
+      "4 rows (each compiled and timed); the time they take is estimated after the first",
+      "[1/4] prenorm took 1m00s; estimated total 4m00s",
+      "[2/4] hc took 1m30s; about 2m30s left",  # 75 s a row so far
+      "[3/4] mhc took 30s; about 1m00s left",
+      "[4/4] mhc_lite took 2m00s; all done in 5m00s"]

@@ -1,10 +1,17 @@
-"""checkpoint.py's stderr filter for the tracebacks of orbax's abandoned restore reads (the
-restores themselves are tested through the CLI in test_reliability.py)."""
+"""checkpoint.py's stderr filter for the tracebacks of orbax's abandoned restore reads, and
+its one-line failed writes (restores and a real full disk are tested through the CLI in
+test_reliability.py)."""
 
+import errno
 import io
+import logging
+import shutil
 import sys
 import threading
 
+import pytest
+
+from mhc_jax.lm import checkpoint
 from mhc_jax.lm.checkpoint import ClosedLoopTracebackFilter, hide_abandoned_restore_reads
 
 CLOSED = ("Traceback (most recent call last):\n",
@@ -58,3 +65,61 @@ def test_installed_filter_drops_the_closed_loop_error_python_prints_itself(monke
       sys.excepthook(*sys.exc_info())
   printed = sys.stderr.getvalue()
   assert "Event loop is closed" not in printed and printed.endswith("KeyError: 'kept'\n")
+
+
+# --- a failed write (the full disk itself is in test_reliability.py) ------------------------
+
+# What tensorstore raises through orbax when a write hits a full disk (its text, shortened).
+ENOSPC_FROM_ORBAX = ("RESOURCE_EXHAUSTED: Error writing \"params.embed/0\" in OCDBT database: "
+                     "Failed to write 15697 bytes to file 8: No space left on device "
+                     "[os_error_code='28']")
+
+
+class FailingManager:
+  """Starts step `step`'s temporary directory, then fails the way orbax does."""
+
+  def __init__(self, directory, error):
+    self.directory, self.error = directory, error
+
+  def save(self, step, args):
+    (self.directory / f"{step}{checkpoint.TMP_SUFFIX}" / "state").mkdir(parents=True)
+    raise self.error
+
+
+def test_a_failed_write_is_one_line_and_leaves_only_complete_checkpoints(tmp_path):
+  (tmp_path / "4" / "state").mkdir(parents=True)  # a complete checkpoint stays as it is
+  manager = FailingManager(tmp_path, ValueError(ENOSPC_FROM_ORBAX))
+  with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+    checkpoint.save(manager, 6, state={}, data_iterator=None)
+  assert raised.value.errno == errno.ENOSPC
+  free = shutil.disk_usage(tmp_path).free / 2**20
+  assert str(raised.value.strerror) == (
+      f"cannot write the checkpoint of step 6 in {tmp_path}: No space left on device "
+      f"({free:.1f} MiB free there); partial checkpoints removed: free space and rerun the "
+      f"same command to resume from step 4")
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["4"]
+
+
+def test_other_failures_pass_through_unchanged(tmp_path):
+  error = ValueError("a checkpoint of another model")
+  with pytest.raises(ValueError) as raised:
+    checkpoint.save(FailingManager(tmp_path, error), 6, state={}, data_iterator=None)
+  assert raised.value is error
+  assert (tmp_path / f"6{checkpoint.TMP_SUFFIX}").exists()  # not ours to remove
+
+
+def test_orbax_logged_write_failures_are_dropped_and_nothing_else(caplog):
+  checkpoint.hide_logged_write_failures()
+  logger = logging.getLogger("absl")
+  for error in (ValueError(ENOSPC_FROM_ORBAX), OSError(errno.EIO, "I/O error"),
+                ValueError("another failure")):
+    try:
+      raise error
+    except Exception:
+      logger.error("background save failed", exc_info=True)
+  logger.error("a plain error")
+  kept = [(record.getMessage(), record.exc_info and record.exc_info[1])
+          for record in caplog.records]
+  assert [(message, str(exc)) for message, exc in kept if exc] == [
+      ("background save failed", "another failure")]
+  assert ("a plain error", None) in kept

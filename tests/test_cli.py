@@ -1,7 +1,9 @@
 """mhc-train's command line says what it does: it trains and writes its workdir, finished runs,
-bad configs and unquoted strings in one line, the default preset, schedule changes on resume,
-the presets in --help."""
+bad configs and unquoted strings in one line, presets that compose and the first line saying
+what mhc-train added, schedule changes on resume, the presets in --help; every entry point's
+--help describes it in whole sentences."""
 
+import importlib
 import os
 import pathlib
 import shutil
@@ -87,27 +89,87 @@ def test_unquoted_string_gets_a_hint_and_exit_code_2(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_without_gin_file_the_tiny_preset_runs_and_is_named(monkeypatch, capsys):
+@pytest.fixture
+def trained(monkeypatch):
+  """cli.main with a `train` that records its configs instead of training."""
   monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main's hooks are undone afterwards
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
-  ran = []
-  def train(workdir, loop, record, **configs):
-    ran.append((workdir, loop.steps, "LoopConfig.steps = 600" in record))
-
-  monkeypatch.setattr(train_lib, "train", train)
-  assert cli_lib.main(["--workdir", "somewhere"]) == 0
-  assert ran == [("somewhere", 600, True)]  # shakespeare_tiny.gin's steps, not the default
-  assert capsys.readouterr().err == "mhc-train: no --gin_file given: using shakespeare_tiny.gin\n"
+  runs = []
+  monkeypatch.setattr(train_lib, "train", lambda workdir, **configs: runs.append(configs))
+  return runs
 
 
-def test_help_describes_the_workdir_and_lists_every_preset(capsys):
+DEFAULT = "shakespeare_tiny.gin (default: no --gin_file includes base.gin)"
+TINY_MODEL, TINY_RUN = "d_model 128 x 4 layers", "600 steps of 16 x 128 tokens"
+
+
+@pytest.mark.parametrize("files, trains, line", [
+    ([], ("prenorm", 128), f"{DEFAULT} -> prenorm, {TINY_MODEL}, {TINY_RUN}"),
+    # A residual preset alone adds to the default experiment, not to the configs' defaults.
+    (["residual/mhc.gin"], ("mhc", 128),
+     f"{DEFAULT}, residual/mhc.gin -> mhc (n=4), {TINY_MODEL}, {TINY_RUN}"),
+    # Given before its experiment, it still applies after it.
+    (["residual/hc.gin", "shakespeare_small.gin"], ("hc", 256), "shakespeare_small.gin, "
+     "residual/hc.gin -> hc (n=4), d_model 256 x 6 layers, 3000 steps of 16 x 256 tokens"),
+    # As given.
+    (["shakespeare_small.gin", "residual/hc.gin"], ("hc", 256), "shakespeare_small.gin, "
+     "residual/hc.gin -> hc (n=4), d_model 256 x 6 layers, 3000 steps of 16 x 256 tokens"),
+    (["base.gin"], ("prenorm", 256),  # the configs' defaults, as asked
+     "base.gin -> prenorm, d_model 256 x 6 layers, 1000 steps of 16 x 256 tokens"),
+])
+def test_presets_compose_and_the_first_line_names_every_file_in_force(trained, capsys, files,
+                                                                     trains, line):
+  assert cli_lib.main([arg for file in files for arg in ("--gin_file", file)]
+                      + ["--workdir", "somewhere"]) == 0
+  (run,) = trained
+  assert (run["model"].residual, run["model"].d_model) == trains
+  assert run["presets"] == f"mhc-train: presets: {line}"  # train() prints it as it starts
+  assert capsys.readouterr().err == ""
+
+
+def test_a_file_of_ones_own_that_includes_nothing_adds_to_the_default_and_says_so(
+    trained, capsys, tmp_path):
+  own = tmp_path / "own.gin"
+  own.write_text("ModelConfig.d_model = 48\n")
+  assert cli_lib.main(["--gin_file", str(own), "--workdir", "somewhere"]) == 0
+  (run,) = trained
+  assert (run["model"].d_model, run["model"].num_layers, run["loop"].steps) == (48, 4, 600)
+  assert run["presets"] == (
+      f"mhc-train: presets: {DEFAULT}, {own} -> prenorm, d_model 48 x 4 layers, {TINY_RUN}")
+
+
+def test_help_states_the_rule_and_lists_only_the_presets_mhc_train_runs(capsys):
   with pytest.raises(SystemExit) as exit_:
     cli_lib.parse_args(["--help"])
   assert exit_.value.code == 0
   text = " ".join(capsys.readouterr().out.split())
   assert "re-running on it resumes" in text
-  for preset in ("shakespeare_tiny.gin", "residual/mhc.gin", "compare/cpu.gin", "base.gin"):
-    assert f" {preset} " in f"{text} "
+  experiments, add_ons = text.split(" experiments: ", 1)[1].split(" add-ons: ")
+  for preset in ("shakespeare_tiny.gin", "tpu_pod_mhc.gin", "base.gin"):
+    assert f" {preset} " in f"{experiments} "
+  assert " residual/mhc.gin " in add_ons and "shakespeare_tiny.gin when no --gin_file" in add_ons
+  assert "compare/cpu.gin" not in text and "sweeps/residuals_tiny.gin" not in text
+  assert ("settings of experiments/ scripts, which run from a source checkout only: compare/ "
+          "(python -m experiments.compare_residuals or python -m experiments.stability_map) "
+          "retrofit/ (python -m experiments.retrofit) sweeps/ (python -m experiments.sweep)"
+          ) in text
+
+
+ENTRY_POINTS = sorted({f"experiments.{path.stem}" for path in (REPO / "experiments").glob("*.py")
+                       if "\ndef main(" in path.read_text()}
+                      | {"kernels_pallas.sinkhorn.bench", "mhc_jax.lm.prepare_data"})
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_entry_points_help_gives_its_docstrings_first_paragraph_whole(module, capsys,
+                                                                            monkeypatch):
+  monkeypatch.setenv("COLUMNS", "1000")  # one line: argparse would break "hyper-connections"
+  module = importlib.import_module(module)
+  with pytest.raises(SystemExit) as exit_:
+    module.main(["--help"])
+  assert exit_.value.code == 0
+  first_paragraph = " ".join(module.__doc__.split("\n\n")[0].split())
+  assert first_paragraph in " ".join(capsys.readouterr().out.split())
 
 
 def run_cli(*args, cwd=REPO):
@@ -117,10 +179,11 @@ def run_cli(*args, cwd=REPO):
 
 
 def test_cli_trains_and_writes_its_workdir(tmp_path, corpus):
-  proc = run_cli("--gin_file", "shakespeare_tiny.gin", "--gin_param", f"DataConfig.source = '{corpus}'",
-             "--gin_param", "LoopConfig.steps = 4", "--gin_param", "LoopConfig.eval_every = 2",
-             "--gin_param", "DataConfig.seq_len = 32", "--gin_param", "LoopConfig.sample_tokens = 5",
-             "--workdir", "relative/workdir", cwd=tmp_path)  # from outside the repo
+  bindings = [f"DataConfig.source = '{corpus}'", "DataConfig.seq_len = 32",
+              "LoopConfig.steps = 4", "LoopConfig.eval_every = 2", "LoopConfig.sample_tokens = 5"]
+  proc = run_cli("--gin_file", "shakespeare_tiny.gin",
+                 *[arg for binding in bindings for arg in ("--gin_param", binding)],
+                 "--workdir", "relative/workdir", cwd=tmp_path)  # from outside the repo
   tmp_path = tmp_path / "relative/workdir"
   assert proc.returncode == 0, proc.stderr
   assert "parameters" in proc.stdout and "sample after 4 steps" in proc.stdout

@@ -121,3 +121,28 @@ def test_missing_tensor_fails_in_one_line(tmp_path):
   with pytest.raises(ValueError) as err:
     load_hf_checkpoint(folder)
   assert_one_line(err, "tensor model.layers.1.self_attn.k_norm.weight is missing")
+
+
+def damage(path: pathlib.Path, how: str) -> None:
+  """Truncated to half (an interrupted download) or random bytes of the same size."""
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2] if how == "truncated"
+                   else np.random.default_rng(0).bytes(len(data)))
+
+
+@pytest.mark.parametrize("how", ["truncated", "random_bytes"])
+def test_damaged_safetensors_fails_in_one_line_naming_the_file(tmp_path, how):
+  folder = copy_fixture(tmp_path, "qwen3")
+  damage(folder / "model.safetensors", how)
+  with pytest.raises(ValueError) as err:
+    load_hf_checkpoint(folder)
+  assert_one_line(err, f"{folder / 'model.safetensors'} is not a valid safetensors file (")
+  assert str(err.value).endswith("): it is damaged or incomplete; download it again")
+
+
+def test_damaged_shard_index_fails_in_one_line_naming_it(tmp_path):
+  folder = copy_fixture(tmp_path, "llama")
+  (folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+  with pytest.raises(ValueError) as err:
+    load_hf_checkpoint(folder)
+  assert_one_line(err, f"{folder / 'model.safetensors.index.json'} is not JSON: ")

@@ -21,7 +21,7 @@ from mhc_jax.lm import cli as cli_lib
 from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
-from mhc_jax.lm.pretrained import load_params
+from mhc_jax.lm.pretrained import difference, load_params
 from mhc_jax.lm.train import train
 from mhc_jax.lm.train_state import LoopConfig
 
@@ -202,6 +202,20 @@ def unsupported(tmp_path, source):
   return copy_hf(tmp_path, model_type="mistral"), QWEN3_BINDINGS
 
 
+def damaged_workdir(checkpoints_before_it):
+  """A copy of the source whose checkpoint of step 2 has its array data overwritten, with a
+  copy of it as step 1 when `checkpoints_before_it`."""
+  def make(tmp_path, source):
+    copy = pathlib.Path(shutil.copytree(source, tmp_path / "copy"))
+    if checkpoints_before_it:
+      shutil.copytree(copy / "checkpoints" / "2", copy / "checkpoints" / "1")
+    files = [f for f in (copy / "checkpoints" / "2" / "state").rglob("*") if f.is_file()]
+    largest = max(files, key=lambda f: f.stat().st_size)
+    largest.write_bytes(np.random.default_rng(0).bytes(largest.stat().st_size))
+    return copy, {}
+  return make
+
+
 def shapes_unlike_its_config(tmp_path, source):
   copy = pathlib.Path(shutil.copytree(source, tmp_path / "copy"))
   config = json.loads((copy / "config.json").read_text())
@@ -227,6 +241,12 @@ def shapes_unlike_its_config(tmp_path, source):
      "ModelConfig.embed_scale = False, ModelConfig.norm_eps = 1e-05"),
     (lambda tmp_path, source: (source, {}), {"d_model": 64},
      "ModelConfig.d_model is 64, the checkpoint {dir} has 32: set ModelConfig.d_model = 32"),
+    (damaged_workdir(checkpoints_before_it=True), {},
+     "the checkpoint of step 2 in {dir}/checkpoints is damaged: its parameters (state/) cannot "
+     "be read; rm -r {dir}/checkpoints/2 and rerun the same command to start from its step 1"),
+    (damaged_workdir(checkpoints_before_it=False), {},
+     "the checkpoint of step 2 in {dir}/checkpoints is damaged: its parameters (state/) cannot "
+     "be read, and it is the only one: start from another workdir"),
     (shapes_unlike_its_config, {},
      "the checkpoint of step 2 in {dir} does not fit the model its config.json describes: it "
      "holds float32[2, 64, 32] for params.blocks.mlp.w_down, this config needs "
@@ -237,8 +257,9 @@ def shapes_unlike_its_config(tmp_path, source):
     (lambda tmp_path, source: (source, {}), {"residual": "mhc"},
      "ModelConfig.stream_reduction is 'sum', the checkpoint {dir} retrofitted to mhc has "
      "'mean': set ModelConfig.stream_reduction = 'mean'"),
-], ids=["missing", "no_config", "no_weights", "no_checkpoint", "missing_tensor", "unsupported", "hf_shapes",
-        "workdir_shapes", "shapes_unlike_its_config", "postnorm", "sum_of_streams"])
+], ids=["missing", "no_config", "no_weights", "no_checkpoint", "missing_tensor", "unsupported",
+        "hf_shapes", "workdir_shapes", "damaged_workdir", "damaged_only_checkpoint",
+        "shapes_unlike_its_config", "postnorm", "sum_of_streams"])
 def test_bad_start_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, source, monkeypatch,
                                                          capsys, make, bindings, message):
   pytest.importorskip("safetensors")
@@ -252,6 +273,20 @@ def test_bad_start_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus, sourc
   assert not workdir.exists()
 
 
+def test_difference_names_the_fields_in_force_that_fix_the_function():
+  mhc = dataclasses.replace(TINY, residual="mhc")
+  # What changes only how the model runs, and a default spelled out, are no difference.
+  assert difference(TINY, dataclasses.replace(TINY, num_kv_heads=4, dtype="bfloat16",
+                                              scan_layers=False, remat="full")) is None
+  assert difference(TINY, dataclasses.replace(mhc, d_model=64)) == (
+      "residual=prenorm d_model=32", "residual=mhc d_model=64")
+  assert difference(mhc, dataclasses.replace(mhc, num_streams=2, sinkhorn_iters=8)) == (
+      "num_streams=4 sinkhorn_iters=4", "num_streams=2 sinkhorn_iters=8")
+  # Sinkhorn's iterations belong to mHC alone.
+  assert difference(mhc, dataclasses.replace(mhc, residual="hc", sinkhorn_iters=8)) == (
+      "residual=mhc", "residual=hc")
+
+
 def test_stream_model_continues_only_as_its_own_variant(widened):
   workdir = widened[0]
   message = (f"ModelConfig.residual is 'hc', the checkpoint {workdir} holds a 'mhc' model: set "
@@ -262,3 +297,23 @@ def test_stream_model_continues_only_as_its_own_variant(widened):
                                        "ModelConfig.num_streams = 4$"):
     load_params(str(workdir), dataclasses.replace(TINY, residual="mhc", num_streams=2,
                                                   stream_reduction="mean"), 0)
+
+
+@pytest.mark.parametrize("how", ["truncated", "random_bytes"])
+def test_damaged_safetensors_is_one_line_exit_2_and_writes_nothing(tmp_path, corpus,
+                                                                     monkeypatch, capsys, how):
+  pytest.importorskip("safetensors")
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  folder = copy_hf(tmp_path)
+  weights = folder / "model.safetensors"
+  data = weights.read_bytes()
+  weights.write_bytes(data[:len(data) // 2] if how == "truncated"
+                      else np.random.default_rng(0).bytes(len(data)))
+  workdir = tmp_path / "workdir"
+  assert cli(workdir, folder, corpus, **QWEN3_BINDINGS) == 2
+  err = capsys.readouterr().err
+  assert re.fullmatch(rf"mhc-train: ValueError: {re.escape(str(weights))} is not a valid "
+                      r"safetensors file \([^\n]+\): it is damaged or incomplete; download it "
+                      r"again\n", err), err
+  assert not workdir.exists()

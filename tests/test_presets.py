@@ -55,10 +55,47 @@ def test_a_bad_file_or_binding_is_one_line_naming_it(files, bindings, message):
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_every_preset_parses():
-  for name in presets.preset_names():
-    if not name.startswith(("compare/", "sweeps/", "retrofit/")):  # experiments' own settings
-      presets.parse([name])
+@pytest.mark.parametrize("given, applied", [
+    (["residual/mhc.gin"], ["shakespeare_tiny.gin", "residual/mhc.gin"]),  # alone: adds to it
+    ([], ["shakespeare_tiny.gin"]),
+    (["shakespeare_small.gin", "residual/hc.gin"], ["shakespeare_small.gin", "residual/hc.gin"]),
+    (["base.gin"], ["base.gin"]),
+    (["tpu_pod_mhc.gin"], ["tpu_pod_mhc.gin"]),  # includes base.gin and residual/mhc.gin
+    # An add-on before its experiment would be overridden by it (shakespeare_tiny.gin binds
+    # ModelConfig.residual): it applies after, as it reads.
+    (["residual/mhc.gin", "shakespeare_tiny.gin"], ["shakespeare_tiny.gin", "residual/mhc.gin"]),
+])
+def test_add_on_presets_compose_over_an_experiment(given, applied):
+  assert presets.compose(given, "shakespeare_tiny.gin") == applied
+
+
+def test_a_file_of_ones_own_is_an_experiment_when_it_includes_base_gin(tmp_path):
+  own = tmp_path / "own.gin"
+  own.write_text("ModelConfig.d_model = 48\n")  # includes nothing: an add-on
+  assert presets.compose([str(own)], "shakespeare_tiny.gin") == ["shakespeare_tiny.gin", str(own)]
+  nested = tmp_path / "nested.gin"  # includes base.gin through another experiment
+  nested.write_text("include 'shakespeare_small.gin'\nModelConfig.d_model = 48\n")
+  assert presets.compose([str(nested)], "shakespeare_tiny.gin") == [str(nested)]
+
+
+def test_a_preset_of_an_experiments_script_names_the_script():
+  with pytest.raises(presets.GinError) as error:
+    presets.compose(["residual/mhc.gin", "retrofit/cpu.gin"], "shakespeare_tiny.gin")
+  assert str(error.value) == ("retrofit/cpu.gin is for python -m experiments.retrofit (from a "
+                              "checkout), not for mhc-train")
+
+
+def test_composing_a_bad_file_is_the_same_one_line_as_parsing_it():
+  with pytest.raises(presets.GinError, match="^bad gin file 'no_such.gin': [^\n]*$"):
+    presets.compose(["no_such.gin"], "shakespeare_tiny.gin")
+
+
+def test_mhc_train_lists_every_preset_it_runs_and_none_of_the_experiments_settings():
+  listed = presets.mhc_train_presets()
+  assert {"base.gin", "shakespeare_tiny.gin", "tpu_pod_mhc.gin", "residual/mhc.gin"} <= set(listed)
+  assert not {"compare/cpu.gin", "retrofit/cpu.gin", "sweeps/residuals_tiny.gin"} & set(listed)
+  for name in listed:
+    presets.parse([name])
 
 
 def test_the_library_and_the_training_loop_import_without_gin():

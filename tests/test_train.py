@@ -1,6 +1,7 @@
 """The training loop: sharded == single-device, learning, exact resume, every variant, the pod
 config lowers, diagnostics from the training pass, non-finite updates never applied."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -81,6 +82,8 @@ def test_every_residual_variant_trains_without_nan(tmp_path, corpus, residual):
 
 def test_tpu_pod_config_lowers_on_256_abstract_devices():
   code = """
+import json
+import re
 import jax
 jax.config.update("jax_num_cpu_devices", 256)
 from mhc_jax.lm import presets
@@ -88,16 +91,19 @@ from mhc_jax.lm.train_state import Trainer
 cfg, _ = presets.parse(["tpu_pod_mhc.gin"])
 trainer = Trainer(cfg["model"], cfg["optimizer"], cfg["mesh"], cfg["loop"],
                   cfg["data"].batch_size)
-lowered = trainer.lower_train_step(cfg["data"].seq_len, cfg["data"].batch_size)
-print(trainer.num_params, dict(trainer.mesh.shape), len(lowered.as_text()) > 0)
+lowered = trainer.lower_train_step(cfg["data"].seq_len, cfg["data"].batch_size).as_text()
+partitions = re.findall(r"mhlo\.num_partitions = (\d+)", lowered)
+print(json.dumps({"num_params": trainer.num_params, "mesh": dict(trainer.mesh.shape),
+                  "partitions": partitions}))
 """
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  num_params, mesh, lowered = proc.stdout.split(" ", 1)[0], proc.stdout, proc.stdout
-  assert 300e6 < int(num_params) < 500e6
-  assert "'data': 16, 'fsdp': 8, 'tensor': 2" in mesh and lowered.strip().endswith("True")
+  lowered = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert 300e6 < lowered["num_params"] < 500e6
+  assert lowered["mesh"] == {"data": 16, "fsdp": 8, "tensor": 2}
+  assert lowered["partitions"] == ["256"]  # one SPMD program over every device of the pod
 
 
 def test_diagnostics_come_from_the_training_forward_pass(tmp_path, corpus):
@@ -109,10 +115,15 @@ def test_diagnostics_come_from_the_training_forward_pass(tmp_path, corpus):
                   data=DataConfig(source=corpus, seq_len=32, batch_size=8), loop=loop,
                   devices=jax.devices()[:1], progress=False)
   assert [row["step"] for row in history] == [2, 4]
-  row = history[-1]
-  sublayers = [k for k in row if k.startswith("forward_gain/") and k != "forward_gain/max"]
-  assert len(sublayers) == 4  # 2 layers x (attention, MLP)
-  assert row["forward_gain/max"] > 0 and np.isfinite(row["composite_backward_gain/03"])
+  row = history[-1]  # at step 2 every H_res is still exactly HC's initial one
+  for name in ("forward_gain", "backward_gain", "composite_forward_gain",
+               "composite_backward_gain", "doubly_stochastic_error"):
+    per_sublayer = [row[f"{name}/{i:02d}"] for i in range(4)]  # 2 layers x (attention, MLP)
+    assert all(np.isfinite(per_sublayer)) and f"{name}/04" not in row
+    assert min(per_sublayer) < max(per_sublayer) == row[f"{name}/max"]
+  # The composite over the first sub-layer is that sub-layer's H_res alone.
+  assert row["composite_forward_gain/00"] == row["forward_gain/00"]
+  assert row["composite_backward_gain/00"] == row["backward_gain/00"]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

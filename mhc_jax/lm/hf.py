@@ -95,26 +95,39 @@ def _refuse_unsupported(hf: dict) -> None:
 def read_safetensors(folder: pathlib.Path) -> dict[str, tuple[np.ndarray, str]]:
   """Every tensor in the folder's safetensors -> (float32 array, the file it came from)."""
   try:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
   except ImportError as err:
     raise ImportError("reading safetensors needs the safetensors package: "
                       "pip install 'mhc-jax[hf]'") from err
   index = folder / INDEX_FILE
   if index.exists():
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    files = sorted(set(read_json(index)["weight_map"].values()))
   elif (folder / SINGLE_FILE).exists():
     files = [SINGLE_FILE]
   else:
     raise FileNotFoundError(f"{folder} has neither {SINGLE_FILE} nor {INDEX_FILE}")
   tensors = {}
   for name in files:
-    if not (folder / name).exists():
-      raise FileNotFoundError(f"{folder / name}, listed in {INDEX_FILE}, does not exist")
-    # "flax" rather than "numpy": numpy has no bfloat16, the dtype most checkpoints are in.
-    with safe_open(folder / name, framework="flax") as f:
-      for key in f.keys():
-        tensors[key] = (np.asarray(f.get_tensor(key), np.float32), name)
+    path = folder / name
+    if not path.exists():
+      raise FileNotFoundError(f"{path}, listed in {INDEX_FILE}, does not exist")
+    try:
+      # "flax" rather than "numpy": numpy has no bfloat16, the dtype most checkpoints are in.
+      with safe_open(path, framework="flax") as f:
+        for key in f.keys():
+          tensors[key] = (np.asarray(f.get_tensor(key), np.float32), name)
+    except SafetensorError as err:  # an interrupted download, or not safetensors at all
+      raise ValueError(f"{path} is not a valid safetensors file ({err}): it is damaged or "
+                       "incomplete; download it again") from None
   return tensors
+
+
+def read_json(path: pathlib.Path):
+  """The JSON value `path` holds; one-line ValueError naming it when it holds none."""
+  try:
+    return json.loads(path.read_text())
+  except ValueError as err:  # not UTF-8, or not JSON
+    raise ValueError(f"{path} is not JSON: {err}") from None
 
 
 def _hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -196,7 +209,7 @@ def load_hf_checkpoint(path, *, dtype: str = "float32", scan_layers: bool = True
   if not config_file.is_file():
     raise FileNotFoundError(f"{config_file} does not exist: not a Hugging Face checkpoint "
                             "folder")
-  cfg = config_from_hf(json.loads(config_file.read_text()), dtype=dtype,
+  cfg = config_from_hf(read_json(config_file), dtype=dtype,
                        scan_layers=scan_layers)
   tensors = read_safetensors(folder)
   _check_tensors(cfg, tensors)

@@ -3,7 +3,8 @@
 Nothing else in `mhc_jax` imports gin: `train()` takes its configs as arguments, and entry
 points (the CLI, `experiments/`) call `parse` to build them from a preset and bindings such
 as `ModelConfig.residual = "mhc"`. Presets are named relative to the preset directory
-(`shakespeare_tiny.gin`, `residual/mhc.gin`), or given as paths.
+(`shakespeare_tiny.gin`, `residual/mhc.gin`), or given as paths. `compose` says which files a
+run applies: an experiment (a file that includes base.gin) and the add-ons that change it.
 """
 
 import contextlib
@@ -34,6 +35,13 @@ def _preset_dir() -> pathlib.Path:
 
 
 PRESET_DIR = _preset_dir()
+BASE = "base.gin"  # every experiment includes it; a file that does not is an add-on
+# The presets of the experiments/ scripts, by folder, and the scripts that read them: they bind
+# the scripts' own settings too (`Comparison.seeds`), so only those, from a checkout, run them.
+EXPERIMENT_SETTINGS = {
+    folder: " or ".join(f"python -m experiments.{script}" for script in scripts)
+    for folder, scripts in {"compare/": ("compare_residuals", "stability_map"),
+                            "retrofit/": ("retrofit",), "sweeps/": ("sweep",)}.items()}
 # `train()`'s keyword -> the config class gin binds as e.g. `ModelConfig.d_model = 64`.
 CONFIG_CLASSES = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
                   "mesh": MeshConfig, "loop": LoopConfig}
@@ -50,6 +58,49 @@ def preset_names() -> list[str]:
   return sorted(path.relative_to(PRESET_DIR).as_posix() for path in PRESET_DIR.rglob("*.gin"))
 
 
+def mhc_train_presets() -> list[str]:
+  """The presets mhc-train runs: all but the experiments/ scripts' settings."""
+  return [name for name in preset_names() if not name.startswith(tuple(EXPERIMENT_SETTINGS))]
+
+
+def is_experiment(file: str) -> bool:
+  """Whether gin file `file` sets a whole run: it is base.gin or includes it, at any depth
+  (shakespeare_tiny.gin, tpu_pod_mhc.gin). Any other file (residual/mhc.gin, or one's own that
+  includes nothing) is an add-on: it changes an experiment. Bindings of configurables other
+  than the five are skipped here: they are `parse`'s to report."""
+  with _gin_scope():
+    tree = _read("file", file, lambda name: gin.parse_config_file(name, skip_unknown=True))
+  base = (PRESET_DIR / BASE).resolve()
+  return any(_found(name) == base for name in _file_and_includes(tree))
+
+
+def compose(files: Sequence[str], default: str) -> list[str]:
+  """The gin files a run applies, in order: the experiments among `files`, `default` when
+  there is none, then the add-ons, each in the order given. An add-on given before its
+  experiment applies after it all the same: the experiment would otherwise override it
+  (shakespeare_tiny.gin binds `ModelConfig.residual`, so residual/mhc.gin before it would
+  train pre-norm). A preset of an experiments/ script is one line naming that script."""
+  for file in files:
+    for folder, scripts in EXPERIMENT_SETTINGS.items():
+      if _found(file).is_relative_to((PRESET_DIR / folder).resolve()):
+        raise GinError(f"{file} is for {scripts} (from a checkout), not for mhc-train")
+  experiments = [file for file in files if is_experiment(file)]
+  return (experiments or [default]) + [file for file in files if file not in experiments]
+
+
+def _file_and_includes(tree) -> Iterator[str]:
+  """The names in gin's record of a parsed file: the file, then what it includes, depth first."""
+  yield tree.filename
+  for include in tree.includes:
+    yield from _file_and_includes(include)
+
+
+def _found(name: str) -> pathlib.Path:
+  """The file gin reads for `name`: the path as given, else the one under its search path."""
+  path = pathlib.Path(name)
+  return (path if path.is_file() else PRESET_DIR / path).resolve()
+
+
 def parse(files: Sequence[str], bindings: Sequence[str] = (),
           extra: Mapping[str, Callable] = {}) -> tuple[dict, str]:
   """Gin files, then bindings -> (configs, the bindings' text for the record).
@@ -63,16 +114,21 @@ def parse(files: Sequence[str], bindings: Sequence[str] = (),
     for kind, items, read in (("file", files, gin.parse_config_file),
                               ("binding", bindings, gin.parse_config)):
       for item in items:  # one at a time, so the message names the culprit
-        try:
-          read(item)
-        except Exception as err:  # gin raises many types; every one means a bad config
-          raise GinError(f"bad gin {kind} {item!r}: {_quote_hint(err, item) or one_line(err)}"
-                         ) from None
+        _read(kind, item, read)
     try:
       configs = {name: make() for name, make in {**_CONFIGURABLE, **extra}.items()}
     except Exception as err:  # a config's own check, or a binding of the wrong type
       raise GinError(f"bad configuration: {one_line(err)}") from None
     return configs, gin.config_str()
+
+
+def _read(kind: str, item: str, read: Callable):
+  """`read(item)`'s result; whatever gin raises becomes one line naming `item`."""
+  try:
+    return read(item)
+  except Exception as err:  # gin raises many types; every one means a bad config
+    raise GinError(f"bad gin {kind} {item!r}: {_quote_hint(err, item) or one_line(err)}"
+                   ) from None
 
 
 def scoped_configs(scope: str) -> dict:

@@ -17,13 +17,12 @@ a fresh model's are. Every check reads only: nothing is written until the weight
 """
 
 import dataclasses
-import json
 import pathlib
 
 from flax import nnx
 
 from mhc_jax.lm import checkpoint
-from mhc_jax.lm.hf import config_from_hf, load_hf_checkpoint
+from mhc_jax.lm.hf import config_from_hf, load_hf_checkpoint, read_json
 from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params, outer_params
 from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS, retrofit_config, with_sites
 
@@ -66,10 +65,7 @@ def read_source(init_from: str) -> Source:
   if not config_file.is_file():
     raise ValueError(f"init_from {folder} holds no {CONFIG}: neither a Hugging Face checkpoint "
                      "nor an mhc-train workdir")
-  try:
-    config = json.loads(config_file.read_text())
-  except ValueError as err:
-    raise ValueError(f"{config_file} is not JSON: {err}") from None
+  config = read_json(config_file)
   if not isinstance(config, dict):
     raise ValueError(f"{config_file} holds no JSON object")
   if "model" in config:
@@ -98,9 +94,7 @@ def check_config(model: ModelConfig, source: Source) -> bool:
   have = source.config
   name = f"the checkpoint {source.path}"
   if have.residual == model.residual:
-    fields = FUNCTION_FIELDS | (STREAM_FIELDS if have.uses_streams else {})
-    if have.residual == "mhc":  # the only variant Sinkhorn's iterations belong to
-      fields |= {"sinkhorn_iters": "sinkhorn_iters"}
+    fields = function_fields(have)
   elif have.residual == "prenorm" and model.residual in RETROFIT_RESIDUALS:
     have = retrofit_config(have, model.residual, model.num_streams)
     name += f" retrofitted to {model.residual}"
@@ -119,6 +113,31 @@ def check_config(model: ModelConfig, source: Source) -> bool:
     raise ValueError(f"ModelConfig.{field} is {ours!r}, {name} has {theirs!r}: set "
                      f"ModelConfig.{field} = {theirs!r}{also}")
   return have.residual != source.config.residual
+
+
+def function_fields(config: ModelConfig) -> dict[str, str]:
+  """The fields that fix the function of a model of `config`'s residual variant, each with
+  the attribute that holds its value in force."""
+  fields = FUNCTION_FIELDS | (STREAM_FIELDS if config.uses_streams else {})
+  if config.residual == "mhc":  # the only variant Sinkhorn's iterations belong to
+    fields |= {"sinkhorn_iters": "sinkhorn_iters"}
+  return fields
+
+
+def difference(have: ModelConfig, model: ModelConfig) -> tuple[str, str] | None:
+  """Where `have` and `model` compute different functions, each's values of the fields that
+  differ (("residual=prenorm d_model=32", "residual=mhc d_model=64")); None where they
+  compute the same one."""
+  both = function_fields(model)
+  fields = {"residual": "residual"} | {field: value for field, value in
+                                       function_fields(have).items() if field in both}
+  differ = {field: value for field, value in fields.items()
+            if _differs(model, have, field, value)}
+  if not differ:
+    return None
+  values = lambda config: " ".join(f"{field}={getattr(config, value)}"
+                                   for field, value in differ.items())
+  return values(have), values(model)
 
 
 def _differs(model: ModelConfig, have: ModelConfig, field: str, value: str) -> bool:

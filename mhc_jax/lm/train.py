@@ -101,27 +101,31 @@ def train(workdir: str,
           devices=None,
           progress: bool = True,
           record: str | None = None,
+          presets: str | None = None,
           init_from: str | None = None) -> list[dict]:
   """Trains (or resumes) in `workdir`; returns this call's logged metrics.
 
   `progress`: a progress bar (periodic lines when not on a terminal).
   `record`: text saved as `config.gin` beside `config.json` (the CLI's gin bindings).
+  `presets`: a line printed before the start-up line, once training starts (the CLI's: which
+  gin files are in force).
   `init_from`: a Hugging Face folder or a workdir of this project whose weights a new run
   starts from (`pretrained.py`); a resumed run continues from its checkpoint instead.
   """
   workdir = pathlib.Path(workdir).absolute()  # orbax needs absolute paths
   lead = jax.process_index() == 0
-  # Before anything is written or compiled: one line if the platform cannot run it, or if
-  # the pretrained weights do not fit the config.
+  # Before anything is written or compiled: one line if the platform cannot run it, if the
+  # pretrained weights or the workdir's model do not fit the config, or the data or the mesh
+  # is wrong, so that a failed start leaves no workdir behind (nor changes one).
   check_platform(model.attention_for(data.seq_len), DTYPES[model.dtype], data.seq_len)
-  params = None
+  params, recorded = None, {}
   if checkpoint.latest_step(workdir) is None:
     started_from = None
     if init_from is not None:
       params, started_from = pretrained.load_params(init_from, model, loop.seed)
   else:
-    started_from = _resumed_start(workdir, init_from)
-  check_workdir(workdir)
+    recorded = _recorded_config(workdir)
+    started_from = _resumed_start(workdir, recorded, init_from)
   corpus = Corpus(data)
   if model.vocab_size != corpus.vocab_size:  # larger would train rows no token reaches
     raise ValueError(f"ModelConfig.vocab_size is {model.vocab_size}, the corpus {data.source!r} "
@@ -132,6 +136,8 @@ def train(workdir: str,
   peak_flops = peak_flops_per_device(trainer.mesh.devices.flat[0].device_kind)
   shard = dict(shard_index=jax.process_index(), shard_count=jax.process_count())
   train_iter = corpus.train_iterator(**shard)
+  _check_resumed_model(workdir, recorded.get("model"), model)  # after the config's own checks
+  check_workdir(workdir)  # the first write into it
   manager = checkpoint.manager(workdir, loop.keep_checkpoints)
   start = manager.latest_step() or 0
   if start:
@@ -164,6 +170,8 @@ def train(workdir: str,
          "init_from": started_from}, indent=2))
     if record is not None:
       _write_whole(workdir / "config.gin", record)
+    if presets is not None:
+      print(presets, flush=True)
     print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
           f"{trainer.num_params:,} parameters; {flops_per_token / 1e9:.3g} GFLOP/token; "
           f"mesh {dict(trainer.mesh.shape)}; "
@@ -193,7 +201,7 @@ def train(workdir: str,
         try:
           reported = _check_guard(state, loop.nonfinite, reported, last_saved)
         except NonFiniteError:  # names last_saved as the checkpoint: let its save finish
-          manager.wait_until_finished()
+          checkpoint.wait(manager)
           raise
       if logs:
         row = {"step": step, **{k: float(v) for k, v in jax.device_get(metrics).items()}}
@@ -216,7 +224,7 @@ def train(workdir: str,
         last_saved = step
       if stopping:
         break
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
   manager.close()
   if bar:
     bar.close()
@@ -239,21 +247,49 @@ def train(workdir: str,
   return history
 
 
-def _resumed_start(workdir: pathlib.Path, init_from: str | None) -> dict | None:
-  """Where the run in `workdir` started, as its config.json records it; one line when
-  `init_from` names another start: its checkpoint holds weights trained from that one."""
+def _recorded_config(workdir: pathlib.Path) -> dict:
+  """What config.json of the run in `workdir` records, {} without one; one line when it is
+  damaged."""
   path = workdir / CONFIG
+  if not path.exists():
+    return {}
+  damaged = lambda why: ValueError(f"{path} is damaged ({why}); delete it to resume the run")
   try:
-    recorded = json.loads(path.read_text()).get("init_from") if path.exists() else None
-  except (ValueError, AttributeError) as err:
-    raise ValueError(f"{path} is damaged ({type(err).__name__}: {err}); delete it to resume "
-                     f"the run") from None
+    recorded = json.loads(path.read_text())
+  except ValueError as err:
+    raise damaged(f"{type(err).__name__}: {err}") from None
+  if not isinstance(recorded, dict):
+    raise damaged("it holds no JSON object")
+  return recorded
+
+
+def _check_resumed_model(workdir: pathlib.Path, fields, model: ModelConfig) -> None:
+  """One line when config.json's model section (`fields`) is of another function than
+  `model`: the checkpoints hold that model's weights. Without a section this version can
+  read, the restore compares the arrays instead."""
+  if not isinstance(fields, dict):
+    return
+  try:
+    have = ModelConfig(**fields)
+  except (TypeError, ValueError):  # a field this version does not know, or a value it refuses
+    return
+  differ = pretrained.difference(have, model)
+  if differ:
+    raise ValueError(f"workdir {workdir} holds {differ[0]}; this run asks {differ[1]}: resume "
+                     "it with its own settings (its config.json), or start this run in "
+                     "another workdir")
+
+
+def _resumed_start(workdir: pathlib.Path, recorded: dict, init_from: str | None) -> dict | None:
+  """Where the run in `workdir` started, as its config.json (`recorded`) says; one line when
+  `init_from` names another start: its checkpoint holds weights trained from that one."""
+  started = recorded.get("init_from")
   wanted = init_from and str(pathlib.Path(init_from).expanduser().resolve())
-  if wanted and wanted != (recorded or {}).get("path"):
-    where = recorded["path"] if recorded else "scratch"
+  if wanted and wanted != (started or {}).get("path"):
+    where = started["path"] if started else "scratch"
     raise ValueError(f"{workdir} started from {where}, not from {wanted}: resume it without "
                      f"--init_from, or start the new run in another workdir")
-  return recorded
+  return started
 
 
 def _finished_step(workdir: pathlib.Path) -> int | None:
