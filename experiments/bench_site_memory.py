@@ -7,9 +7,13 @@ For one site `merge(X, F(aggregate(X, H_pre)), coefficients(X))` with a `[C, C]`
 branch and with the identity, reads from the compiled program's memory analysis the bytes
 `jax.vjp` keeps between the forward and the backward (its residuals), on whatever device JAX
 picked. mHC rows compare the library's path (the RMS + projection step as
-`mappings.rms_projection`, a custom VJP) with autodiff of the plain formula it replaced
-(`vec(X) @ phi * rsqrt(mean(vec(X)^2) + eps)`); everything else in the site is the same code.
-An HC (dynamic) site is listed for information. Sizes are also given in stream arrays
+`mappings.rms_projection`, and the stream mixing `aggregate` / `merge`, custom VJPs) with
+autodiff of the plain formulas they replaced (`vec(X) @ phi * rsqrt(mean(vec(X)^2) + eps)`;
+the mixing's `streams.astype(float32)` then einsums), and with the RMS + projection's custom
+VJP alone (the library before the mixing's); everything else in the site is the same code.
+Dynamic HC rows compare the library's (the per-stream norm and three projections as one
+`rms_projection`, the mixing's custom VJPs) with autodiff of the plain formulas (the
+normalised copy `X̄`, three einsums, the plain mixing). Sizes are also given in stream arrays
 (`[batch, seq, n, C]` in the streams' dtype), the unit the residuals scale with.
 
 The baseline row is the same mHC site in MaxText's formulation
@@ -59,10 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from mhc_jax import mappings, res_mappings
-from mhc_jax.streams import aggregate, merge
+from mhc_jax import streams as streams_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 AUTODIFF = "autodiff of plain formula"
+MIXING_AUTODIFF = "custom VJP of RMS + projection, mixing by autodiff"
 MAXTEXT = "MaxText formulation (autodiff)"
 BRANCHES = {
     "linear [C, C]": lambda x, w: jnp.dot(x, w.astype(x.dtype)),
@@ -76,6 +81,42 @@ def plain_rms_projection(x, w, eps):
   flat = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(flat), axis=-1, keepdims=True) + eps)
   return jnp.dot(flat, w.reshape(flat.shape[-1], -1), precision=_HIGHEST) * inv_rms
+
+
+def _plain_mixing_dtype(streams):
+  return jnp.promote_types(streams.dtype, jnp.float32)
+
+
+def plain_aggregate(streams, h_pre):
+  """`streams.aggregate` before its custom VJP, verbatim."""
+  out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(_plain_mixing_dtype(streams)),
+                   precision=_HIGHEST)
+  return out.astype(streams.dtype)
+
+
+def plain_merge(streams, branch_output, coefficients):
+  """`streams.merge` before its custom VJP, verbatim."""
+  dtype = _plain_mixing_dtype(streams)
+  mixed = jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams.astype(dtype),
+                     precision=_HIGHEST)
+  spread = coefficients.h_post[..., :, None] * branch_output.astype(dtype)[..., None, :]
+  return (mixed + spread).astype(streams.dtype)
+
+
+def plain_hc_coefficients(self, params, streams):
+  """`HCConfig.coefficients` before it used `rms_projection`, verbatim."""
+  h_pre, h_post, h_res = params["static_pre"], params["static_post"], params["static_res"]
+  if not self.dynamic:
+    return streams_lib.Coefficients(h_pre, h_post, h_res)
+  xbar = mappings.rms_normalise(streams, self.norm_eps) * params["norm_scale"]
+  squash = jnp.tanh if self.use_tanh else (lambda v: v)
+  dyn_pre = jnp.einsum("...nc,c->...n", xbar, params["w_pre"], precision=_HIGHEST)
+  dyn_post = jnp.einsum("...nc,c->...n", xbar, params["w_post"], precision=_HIGHEST)
+  dyn_res = jnp.einsum("...jc,ck->...kj", xbar, params["w_res"], precision=_HIGHEST)
+  alpha, beta = params["scale_alpha"], params["scale_beta"]
+  return streams_lib.Coefficients(h_pre + alpha * squash(dyn_pre),
+                                  h_post + beta * squash(dyn_post),
+                                  h_res + alpha * squash(dyn_res))
 
 
 def maxtext_params(site_params, n: int) -> dict:
@@ -139,9 +180,21 @@ def replaced(module, name: str, value):
     setattr(module, name, original)
 
 
+@contextlib.contextmanager
+def plain_mixing():
+  """Traces within see the plain formulas in place of `aggregate` and `merge`."""
+  with replaced(streams_lib, "aggregate", plain_aggregate), \
+       replaced(streams_lib, "merge", plain_merge):
+    yield
+
+
+@contextlib.contextmanager
 def plain_autodiff():
-  """Traces within see the plain formula in place of `mappings.rms_projection`."""
-  return replaced(mappings, "rms_projection", plain_rms_projection)
+  """Traces within see the plain formulas in place of every custom VJP of the site (but
+  Sinkhorn's): `mappings.rms_projection`, dynamic HC's coefficients, the mixing."""
+  with replaced(mappings, "rms_projection", plain_rms_projection), \
+       replaced(mappings.HCConfig, "coefficients", plain_hc_coefficients), plain_mixing():
+    yield
 
 
 # H_res mapping rows: label -> (MHCConfig options, context the site is traced in).
@@ -165,8 +218,8 @@ def site(config, branch):
   def f(streams, params):
     site_params, branch_weight = params
     coefficients = config.coefficients(site_params, streams)
-    branch_output = branch(aggregate(streams, coefficients.h_pre), branch_weight)
-    return merge(streams, branch_output, coefficients)
+    branch_output = branch(streams_lib.aggregate(streams, coefficients.h_pre), branch_weight)
+    return streams_lib.merge(streams, branch_output, coefficients)
   return f
 
 
@@ -297,21 +350,24 @@ def main(argv=None) -> None:
     cases = [("mHC", MAXTEXT, maxtext_site(mhc, branch), maxtext_site_params,
               contextlib.nullcontext()),
              ("mHC", AUTODIFF, site(mhc, branch), mhc_params, plain_autodiff()),
+             ("mHC", MIXING_AUTODIFF, site(mhc, branch), mhc_params, plain_mixing()),
              ("mHC", "custom VJP (library)", site(mhc, branch), mhc_params,
               contextlib.nullcontext()),
+             ("HC dynamic", AUTODIFF, site(hc, branch), hc_params, plain_autodiff()),
              ("HC dynamic", "library", site(hc, branch), hc_params, contextlib.nullcontext())]
     rows = {}
     for site_name, path, f, params, context in cases:
       with context:
-        rows[path] = (site_name, saved_bytes(f, streams, params),
-                      scanned_step_temp_bytes(f, streams, params, args.layers))
-    for path, (site_name, saved, temp) in rows.items():
-      def ratios(i, value, mhc_row=site_name == "mHC"):
-        return " | ".join(f"{value / rows[base][i]:.3f}x" if mhc_row else "-"
-                          for base in (AUTODIFF, MAXTEXT))
+        rows[site_name, path] = (saved_bytes(f, streams, params),
+                                 scanned_step_temp_bytes(f, streams, params, args.layers))
+    for (site_name, path), (saved, temp) in rows.items():
+      def ratios(i, value, site_name=site_name):
+        """vs the same site's autodiff row, and vs MaxText's (mHC only)."""
+        return " | ".join(f"{value / rows[site_name, base][i]:.3f}x"
+                          if (site_name, base) in rows else "-" for base in (AUTODIFF, MAXTEXT))
       print(f"| {site_name} | {branch_name} | {path} | {saved / 2**20:.2f} | "
-            f"{saved / stream_bytes:.2f} | {ratios(1, saved)} | {temp / 2**20:.2f} | "
-            f"{ratios(2, temp)} |")
+            f"{saved / stream_bytes:.2f} | {ratios(0, saved)} | {temp / 2**20:.2f} | "
+            f"{ratios(1, temp)} |")
   print_res_mapping_table(args, streams, branch_weight)
 
 

@@ -14,8 +14,8 @@ both vary with the seed and are identical across variants. The validation docume
 same for every run (`DataConfig.split_seed`, untouched by the seeds); differences between
 variants at one seed are paired, and the report gives them next to the plain means.
 
-A run whose metrics and latest checkpoint both reached the last step is reused; an unfinished
-one resumes where it stopped. A workdir trained with other configs is an error, not reused.
+A finished run (`mhc_jax.lm.train.is_finished`) is reused; an unfinished one resumes where it
+stopped. A workdir trained with other configs is an error, not reused (`experiments/runs.py`).
 
 Then each run's final parameters are restored and run on the first validation batches; every
 block's output gives the cosine similarity between layers (streams summed) and between streams.
@@ -24,33 +24,29 @@ block's output gives the cosine similarity between layers (streams summed) and b
 
 import argparse
 import dataclasses
-import json
-import math
 import pathlib
 import sys
 
 import gin
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import report
+from experiments.runs import (configs_json, devices_for, diagnostics_every, final_params,
+                             preset_path, train_or_reuse, use_compilation_cache)
 from mhc_jax.lm import distributed, presets, train as train_lib
 from mhc_jax.lm.data import Corpus, DataConfig
-from mhc_jax.checks import check_int
+from mhc_jax.checks import check_int, one_line
 from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity
-from mhc_jax.lm.metrics import METRICS_FILE, read_metrics
+from mhc_jax.lm.metrics import read_metrics
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.streams import reduce_streams
 from mhc_jax.lm.train_state import LoopConfig, Trainer
-
-PRESET_DIR = presets.PRESET_DIR / "compare"
-RUN_CONFIG = "run.json"  # the configs a workdir was trained with
 
 
 @gin.configurable
@@ -94,16 +90,6 @@ class Settings:
   loop: LoopConfig
 
 
-def preset_path(preset: str, folder: pathlib.Path = PRESET_DIR) -> pathlib.Path:
-  """A preset name (`cpu`: `gin_configs/compare/cpu.gin`, or `folder/cpu.gin`) or a gin
-  file's path."""
-  path = pathlib.Path(preset) if preset.endswith(".gin") else folder / f"{preset}.gin"
-  if not path.is_file():
-    names = ", ".join(sorted(p.stem for p in folder.glob("*.gin")))
-    raise ValueError(f"no preset {preset!r}: name one of {names}, or the path of a .gin file")
-  return path
-
-
 def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Settings:
   """Parses the preset, then `gin_params`; `variants` / `seeds` replace the preset's."""
   configs, _ = presets.parse([str(preset_path(preset))], gin_params,
@@ -111,10 +97,6 @@ def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Sett
   comparison = configs.pop("comparison")
   overrides = {k: v for k, v in (("variants", variants), ("seeds", seeds)) if v is not None}
   return Settings(dataclasses.replace(comparison, **overrides), **configs)
-
-
-def diagnostics_every(steps: int, points: int) -> int:
-  return max(1, steps // points)
 
 
 def run_name(variant: str, seed: int) -> str:
@@ -136,72 +118,13 @@ def run_configs(settings: Settings, variant: str, seed: int) -> dict:
   }
 
 
-def configs_json(configs: dict) -> dict:
-  # Through JSON and back, so that a tuple and the list it was saved as compare equal.
-  return json.loads(json.dumps({k: dataclasses.asdict(v) for k, v in configs.items()}))
-
-
-def devices_for(mesh: MeshConfig) -> list:
-  return jax.devices()[:math.prod(mesh.shape)]
-
-
-def _checkpoints(workdir: pathlib.Path) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(workdir.absolute() / "checkpoints")
-
-
-def is_finished(workdir: pathlib.Path, steps: int) -> bool:
-  """The last metrics row and the latest checkpoint are both at step `steps`."""
-  if not (workdir / METRICS_FILE).is_file() or not (workdir / "checkpoints").is_dir():
-    return False
-  rows = read_metrics(workdir)
-  if not rows or rows[-1]["step"] != steps:
-    return False
-  with _checkpoints(workdir) as manager:
-    return manager.latest_step() == steps
-
-
-def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
-  """Records the run's configs in a new workdir; refuses one trained with others."""
-  path, wanted = workdir / RUN_CONFIG, configs_json(configs)
-  if not path.exists():
-    workdir.mkdir(parents=True, exist_ok=True)
-    # Written whole under a private name, then renamed: with --multihost every process may
-    # write it at once (the same text), and none may read half a file.
-    tmp = path.with_suffix(f".{jax.process_index()}.tmp")
-    tmp.write_text(json.dumps(wanted, indent=2) + "\n")
-    tmp.replace(path)
-    return
-  found = json.loads(path.read_text())
-  if found != wanted:
-    changed = sorted(f"{group}.{key}" for group in wanted for key in wanted[group]
-                     if found.get(group, {}).get(key) != wanted[group][key])
-    raise ValueError(f"{workdir} was trained with other configs (differing: "
-                     f"{', '.join(changed)}); choose another --out or delete that run")
-
-
-def use_compilation_cache(runs_dir: pathlib.Path) -> None:
-  """Keeps compiled programs in `runs_dir/jax_cache` unless JAX already has a cache: the
-  seeds of one variant compile the very same programs, which on a CPU costs as much as a
-  short run."""
-  if jax.config.jax_compilation_cache_dir is None:
-    jax.config.update("jax_compilation_cache_dir", str((runs_dir / "jax_cache").absolute()))
-
-
 def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool = True) -> None:
   """Trains (or resumes, or reuses) every variant and seed, one after another."""
-  comparison, lead = settings.comparison, jax.process_index() == 0
-  runs = [(v, s) for v in comparison.variants for s in comparison.seeds]
-  for i, (variant, seed) in enumerate(runs, 1):
-    workdir, configs = runs_dir / run_name(variant, seed), run_configs(settings, variant, seed)
-    check_run_config(workdir, configs)
-    finished = is_finished(workdir, settings.loop.steps)
-    if lead:
-      print(f"[{i}/{len(runs)}] {run_name(variant, seed)}: "
-            + ("finished, reused" if finished else "training"), flush=True)
-    if not finished:
-      with distributed.exit_if_peer_lost(workdir, f"compare_residuals: {workdir.name}"):
-        train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
-                        progress=progress)
+  comparison = settings.comparison
+  runs = [(runs_dir / run_name(v, s), run_configs(settings, v, s))
+          for v in comparison.variants for s in comparison.seeds]
+  train_or_reuse([(workdir, configs, configs) for workdir, configs in runs], "compare_residuals",
+                 progress)
 
 
 def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:
@@ -229,13 +152,6 @@ def compiled_similarities(trainer: Trainer):
   return jax.jit(lambda params, batch: similarities(nnx.merge(trainer.graphdef, params),
                                                     batch["inputs"]),
                  out_shardings=NamedSharding(trainer.mesh, P()))
-
-
-def final_params(trainer: Trainer, workdir: pathlib.Path, step: int):
-  with _checkpoints(workdir) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_state)))
-  return restored.state["params"]
 
 
 def analyse_runs(settings: Settings, runs_dir: pathlib.Path) -> list[report.Run]:
@@ -311,8 +227,7 @@ def main(argv=None) -> int:
     settings = load_settings(args.preset, args.gin_param, _comma_list(args.variants, str.strip),
                              _comma_list(args.seeds, int))
   except Exception as err:  # gin and the configs raise many types; each means a bad setting
-    text = str(err).strip().splitlines()
-    print(f"compare_residuals: {type(err).__name__}: {text[0] if text else ''}", file=sys.stderr)
+    print(f"compare_residuals: {one_line(err)}", file=sys.stderr)
     return 2
   if args.multihost:
     distributed.initialize()

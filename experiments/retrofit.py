@@ -26,9 +26,9 @@ is the pretrained one, and the script sets the data source to the task's documen
 fine-tune starts from it (`train(init_from=...)`) in `OUT/runs/<row>_seed<k>/`, where seed k
 sets `LoopConfig.seed` (the new sites' random parameters) and `DataConfig.seed` (the order
 of the problems), the same for every row: differences between rows at one seed are paired.
-As in `compare_residuals`, a finished run is reused, an unfinished one resumes, and a workdir
-trained with other configs is an error; each model's scores are kept in its workdir
-(`few_shot.json`), so a rerun only writes the report again.
+As in every experiment (`experiments/runs.py`), a finished run is reused, an unfinished one
+resumes, and a workdir trained with other configs is an error; each model's scores are kept in
+its workdir (`few_shot.json`), so a rerun only writes the report again.
 
 Written to OUT: `report.md` (the table beside the blog's numbers, which directions reproduce),
 `summary.json`, `accuracy.png`, the fine-tunes' `loss_train.png` and `loss_eval.png`, and the
@@ -53,13 +53,13 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from experiments import report, word_problems  # noqa: E402
-from experiments.compare_residuals import (check_run_config, configs_json,  # noqa: E402
-                                           devices_for, diagnostics_every, final_params,
-                                           is_finished, preset_path, use_compilation_cache)
+from experiments.runs import (configs_json, devices_for, diagnostics_every,  # noqa: E402
+                             final_params, preset_path, train_or_reuse,
+                             use_compilation_cache)
 from experiments.report.figures import (DPI, plot_curve, plot_gains_over_training,  # noqa: E402
                                         plot_gains_per_layer)
 from experiments.report.numbers import mean_std  # noqa: E402
-from mhc_jax.checks import check_int  # noqa: E402
+from mhc_jax.checks import check_int, one_line  # noqa: E402
 from mhc_jax.lm import presets, train as train_lib  # noqa: E402
 from mhc_jax.lm.data import Corpus, DataConfig  # noqa: E402
 from mhc_jax.lm.metrics import read_metrics  # noqa: E402
@@ -220,16 +220,8 @@ def check_prompts_fit(settings: Settings, task: word_problems.Task) -> None:
 
 def train_runs(settings: Settings, out: pathlib.Path, progress: bool) -> None:
   """Trains (or resumes, or reuses) the pretraining, then every fine-tune."""
-  runs = jobs(settings, out)
-  for i, (name, configs, record) in enumerate(runs, 1):
-    workdir = out / "runs" / name
-    check_run_config(workdir, record)
-    finished = is_finished(workdir, configs["loop"].steps)
-    print(f"[{i}/{len(runs)}] {name}: " + ("finished, reused" if finished else "training"),
-          flush=True)
-    if not finished:
-      train_lib.train(str(workdir), **configs, devices=devices_for(configs["mesh"]),
-                      progress=progress)
+  train_or_reuse([(out / "runs" / name, configs, record)
+                  for name, configs, record in jobs(settings, out)], "retrofit", progress)
 
 
 def restore(configs: dict, workdir: pathlib.Path) -> tuple[Trainer, dict]:
@@ -559,7 +551,7 @@ def main(argv=None) -> int:
     task = word_problems.make_task(settings.task)
     check_prompts_fit(settings, task)
   except Exception as err:  # gin and the configs raise many types; each means a bad setting
-    print(f"retrofit: {presets.one_line(err)}", file=sys.stderr)
+    print(f"retrofit: {one_line(err)}", file=sys.stderr)
     return 2
   use_compilation_cache(out / "runs")
   word_problems.write_documents(task.train, out / "task", settings.task.problems_per_document)

@@ -10,8 +10,8 @@ Every (variant, depth, learning rate, seed) trains once with `mhc_jax.lm.train.t
 `ModelConfig.num_layers`, `OptimizerConfig.learning_rate` set to the cell's, and the seed in
 `LoopConfig.seed` and `DataConfig.seed`. `LoopConfig.nonfinite` is always "skip": an update with
 a non-finite loss, gradient or parameter is dropped and counted, so a diverging run still
-finishes and the map has every cell. As in `compare_residuals`, a finished run is reused, an
-unfinished one resumes, and a workdir trained with other configs is an error.
+finishes and the map has every cell. As in every experiment (`experiments/runs.py`), a finished
+run is reused, an unfinished one resumes, and a workdir trained with other configs is an error.
 
 A run diverged when any of its updates was skipped, when its final train or eval loss is not
 finite, or when either is not below ln(vocab_size) - 0.01: no better than guessing every token
@@ -46,11 +46,10 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from experiments.compare_residuals import (check_run_config, configs_json,  # noqa: E402
-                                           devices_for, is_finished, preset_path,
-                                           use_compilation_cache)
-from mhc_jax.checks import check_int  # noqa: E402
-from mhc_jax.lm import presets, train as train_lib  # noqa: E402
+from experiments.runs import (configs_json, devices_for, preset_path,  # noqa: E402
+                             train_or_reuse, use_compilation_cache)
+from mhc_jax.checks import check_int, one_line  # noqa: E402
+from mhc_jax.lm import presets  # noqa: E402
 from mhc_jax.lm.data import DataConfig  # noqa: E402
 from mhc_jax.lm.metrics import read_metrics  # noqa: E402
 from mhc_jax.lm.model import ModelConfig  # noqa: E402
@@ -143,16 +142,9 @@ def run_configs(settings: Settings, variant: str, depth: int, lr: float, seed: i
 
 def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool) -> None:
   """Trains (or resumes, or reuses) every run, one after another."""
-  runs = settings.runs()
-  for i, run in enumerate(runs, 1):
-    workdir, configs = runs_dir / run_name(*run), run_configs(settings, *run)
-    check_run_config(workdir, configs)
-    finished = is_finished(workdir, settings.loop.steps)
-    print(f"[{i}/{len(runs)}] {run_name(*run)}: " + ("finished, reused" if finished
-                                                    else "training"), flush=True)
-    if not finished:
-      train_lib.train(str(workdir), **configs, devices=devices_for(settings.mesh),
-                      progress=progress)
+  runs = [(runs_dir / run_name(*run), run_configs(settings, *run)) for run in settings.runs()]
+  train_or_reuse([(workdir, configs, configs) for workdir, configs in runs], "stability_map",
+                 progress)
 
 
 def divergence(losses: dict[str, float], skipped: int, vocab_size: int) -> list[str]:
@@ -335,7 +327,7 @@ def main(argv=None) -> int:
   try:
     settings = load_settings(args.preset, args.gin_param)
   except Exception as err:  # gin and the configs raise many types; each means a bad setting
-    print(f"stability_map: {presets.one_line(err)}", file=sys.stderr)
+    print(f"stability_map: {one_line(err)}", file=sys.stderr)
     return 2
   out = pathlib.Path(args.out)
   use_compilation_cache(out / "runs")

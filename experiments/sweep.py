@@ -8,7 +8,7 @@ A sweep spec is a gin file binding `Sweep`:
     Sweep.runs = [{"ModelConfig.num_streams": 2}]           # and/or an explicit list
 
 Every grid point (and every listed run) trains in `OUT/<name>/`, its name made from its
-bindings; runs holding `finished.json` are skipped, unfinished ones resume.
+bindings; finished runs (`mhc_jax.lm.train.is_finished`) are skipped, unfinished ones resume.
 
     python -m experiments.sweep SPEC --out DIR                     # local, run after run
     python -m experiments.sweep SPEC --out DIR --multihost         # on every host of a pod
@@ -35,6 +35,7 @@ import sys
 
 import gin
 
+from mhc_jax.checks import one_line
 from mhc_jax.lm import cli, distributed, presets, train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -96,11 +97,20 @@ def train_command(run: Run, workdir: pathlib.Path) -> list[str]:
   return args
 
 
+def run_configs(run: Run) -> tuple[dict, str]:
+  """The run's `train` configs and its bindings' text, composed as mhc-train composes them."""
+  return presets.parse(presets.compose(run.gin_files, cli.DEFAULT_PRESET), run.bindings)
+
+
+def is_finished(run: Run, workdir: pathlib.Path) -> bool:
+  return train_lib.is_finished(workdir, run_configs(run)[0]["loop"].steps)
+
+
 def run_local(runs: list[Run], out: pathlib.Path) -> None:
   """One subprocess per run, so gin state and compiled programs never leak between runs."""
   for i, run in enumerate(runs, 1):
     workdir = out / run.name
-    if (workdir / train_lib.FINISHED).exists():
+    if is_finished(run, workdir):
       print(f"[{i}/{len(runs)}] {run.name}: finished, skipped", flush=True)
       continue
     print(f"[{i}/{len(runs)}] {run.name}", flush=True)
@@ -117,13 +127,11 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
   lead = jax.process_index() == 0
   for i, run in enumerate(runs, 1):
     workdir = out / run.name
-    if (workdir / train_lib.FINISHED).exists():  # same answer on every host: shared storage
+    if is_finished(run, workdir):  # the same answer on every host: shared storage
       continue
     if lead:
       print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
-    # As mhc-train composes them (what run_local's subprocesses get).
-    configs, bindings = presets.parse(presets.compose(run.gin_files, cli.DEFAULT_PRESET),
-                                      run.bindings)
+    configs, bindings = run_configs(run)  # what run_local's subprocesses get
     with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
       train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
 
@@ -152,7 +160,7 @@ def main(argv=None) -> int:
   try:
     runs = expand(load_spec(args.spec))
   except ValueError as err:  # presets.GinError, or a grid that expands to nothing usable
-    print(f"sweep: bad spec {args.spec}: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+    print(f"sweep: bad spec {args.spec}: {one_line(err, with_type=False)}", file=sys.stderr)
     return 2
   out = pathlib.Path(args.out)
   if args.tpu:
@@ -165,10 +173,14 @@ def main(argv=None) -> int:
     for run in runs:
       print(shlex.join(train_command(run, out / run.name)))
     return 0
-  if args.multihost:
-    run_multihost(runs, out.absolute(), args)
-  else:
-    run_local(runs, out)
+  try:
+    if args.multihost:
+      run_multihost(runs, out.absolute(), args)
+    else:
+      run_local(runs, out)
+  except ValueError as err:  # a binding gin refuses, a damaged finished.json, a bad config
+    print(f"sweep: {one_line(err, with_type=False)}", file=sys.stderr)
+    return 2
   return 0
 
 

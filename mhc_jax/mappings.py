@@ -10,7 +10,7 @@ one token at a time (causal).
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -64,13 +64,14 @@ def rms_projection(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   """`(x @ w) * rsqrt(mean(x^2) + eps)`: `[..., *F]`, `[*F, W]` -> `[..., W]`.
 
   The RMS and the contraction run over x's trailing axes `F` (as many as `w` has before its
-  last), so `[..., n, C]` streams go in without a reshape. That matters for the memory: the
-  backward keeps only `x` itself (which the site's `merge` keeps anyway), `w` and two small
-  per-token arrays, the projection `[..., W]` and `rsqrt(...)` `[..., 1]`, and recomputes the
-  rest. Autodiff of the same formula keeps two more x-sized arrays: the flattened float32 copy
-  of `x` and the derivative of its square. (A reshaped `x` kept for the backward is a buffer
-  of its own once the residuals leave the forward, e.g. stacked by a scan over layers, even
-  where the reshape is a bitcast; on TPU `[..., 4, C]` -> `[..., 4C]` is a real relayout.)
+  last), so `[..., n, C]` streams go in without a reshape (mHC's `w` is `[n, C, W]`; dynamic
+  HC's `[C, W]`, one RMS per stream). That matters for the memory: the backward keeps only
+  `x` itself (which the site's `merge` keeps anyway), `w` and two small per-token arrays, the
+  projection `[..., W]` and `rsqrt(...)` `[..., 1]`, and recomputes the rest. Autodiff of
+  the same formula keeps two more x-sized arrays: the flattened float32 copy of `x` and the
+  derivative of its square. (A reshaped `x` kept for the backward is a buffer of its own
+  once the residuals leave the forward, e.g. stacked by a scan over layers, even where the
+  reshape is a bitcast; on TPU `[..., 4, C]` -> `[..., 4C]` is a real relayout.)
   With `r = rsqrt(mean(x^2) + eps)`, `N = size(F)`:
 
       dx = (g r) @ w^T - sum_W(g * (x @ w)) * r^3 * x / N,    dw = sum_tokens x^T (g r)
@@ -110,6 +111,14 @@ def _rms_projection_bwd(eps, residuals, g):
 rms_projection.defvjp(_rms_projection_fwd, _rms_projection_bwd)
 
 
+def pre_weights(num_streams: int, layer_index: int) -> np.ndarray:
+  """`[n]` aggregation weights summing to 1: `2/(n+1)` at stream `layer_index mod n`,
+  `1/(n+1)` elsewhere (unequal, to break the symmetry between streams, as HC's one-hot)."""
+  weights = np.full((num_streams,), 1.0 / (num_streams + 1))
+  weights[layer_index % num_streams] = 2.0 / (num_streams + 1)
+  return weights
+
+
 def one_hot_logits(num_streams: int, layer_index: int, on: float, off: float) -> np.ndarray:
   """`on` at stream `layer_index mod n`, `off` elsewhere: which stream a layer reads first."""
   logits = np.full((num_streams,), off, np.float32)
@@ -146,6 +155,22 @@ class HCConfig:
     check_int("layer_index", self.layer_index, 0)
     _check_nonnegative("norm_eps", self.norm_eps)
 
+  # The paper exempts the static maps from weight decay (the modules tag them).
+  no_weight_decay: ClassVar[frozenset[str]] = frozenset({"static_pre", "static_post",
+                                                         "static_res"})
+
+  def coefficient_flops(self) -> int:
+    """Forward matmul FLOPs per token of the coefficients: dynamic HC's `W_pre`, `W_post`
+    `[C]` and `W_res` `[C, n]` on each of the n streams; static HC has none."""
+    n, c = self.num_streams, self.dim
+    return 2 * n * c * (2 + n) if self.dynamic else 0
+
+  def passthrough_params(self, params: Params) -> Params:
+    """`params` changed so that equal streams pass through the site as a pre-norm residual
+    (H_pre sums to 1, H_post = 1, rows of H_res sum to 1: see `mhc_jax.lm.retrofitting`).
+    The paper's start already is one (one-hot A_m, B = 1, A_r = I, W = 0)."""
+    return params
+
   def init_params(self, key: jax.Array) -> Params:
     del key  # the paper's initialisation is deterministic
     n, c = self.num_streams, self.dim
@@ -170,16 +195,19 @@ class HCConfig:
     h_pre, h_post, h_res = params["static_pre"], params["static_post"], params["static_res"]
     if not self.dynamic:
       return Coefficients(h_pre, h_post, h_res)
-    xbar = rms_normalise(streams, self.norm_eps) * params["norm_scale"]
+    # `X̄ W = (X (norm_scale W)) * rsqrt(mean(X^2) + eps)` per stream: one `rms_projection`
+    # over C for the three projections, so the backward keeps the streams and `[..., n, 2+n]`,
+    # not the normalised float32 copy and the projections' intermediates.
+    weights = params["norm_scale"][:, None] * jnp.concatenate(
+        [params["w_pre"][:, None], params["w_post"][:, None], params["w_res"]], axis=1)
+    mixes = rms_projection(streams, weights, self.norm_eps)  # [..., n, 2 + n]
     squash = jnp.tanh if self.use_tanh else (lambda v: v)
-    dyn_pre = jnp.einsum("...nc,c->...n", xbar, params["w_pre"], precision=_HIGHEST)
-    dyn_post = jnp.einsum("...nc,c->...n", xbar, params["w_post"], precision=_HIGHEST)
-    dyn_res = jnp.einsum("...jc,ck->...kj", xbar, params["w_res"], precision=_HIGHEST)
     alpha, beta = params["scale_alpha"], params["scale_beta"]
     return Coefficients(
-        h_pre=h_pre + alpha * squash(dyn_pre),
-        h_post=h_post + beta * squash(dyn_post),
-        h_res=h_res + alpha * squash(dyn_res),
+        h_pre=h_pre + alpha * squash(mixes[..., 0]),
+        h_post=h_post + beta * squash(mixes[..., 1]),
+        # row j of X̄ W_r is column j of H_res
+        h_res=h_res + alpha * squash(jnp.swapaxes(mixes[..., 2:], -1, -2)),
     )
 
 
@@ -279,6 +307,28 @@ class MHCConfig:
     """Forward matmul FLOPs per token from the res logits to `H_res` (not `phi`'s)."""
     return self.res_spec.matmul_flops(self)
 
+  no_weight_decay: ClassVar[frozenset[str]] = frozenset()  # phi decays; the rest are vectors
+
+  def coefficient_flops(self) -> int:
+    """Forward matmul FLOPs per token of the coefficients: `phi` `[nC, 2n + R]` on vec(X),
+    then the mapping's own from the R res logits to `H_res`."""
+    n, c = self.num_streams, self.dim
+    return 2 * n * c * (2 * n + self.num_res_logits) + self.res_matmul_flops
+
+  def passthrough_params(self, params: Params) -> Params:
+    """`params` changed so that equal streams pass through the site as a pre-norm residual
+    would (see `mhc_jax.lm.retrofitting`): `alpha_pre = alpha_post = 0` so H_pre and H_post
+    are static; `H_post = 2 sigmoid(0) = 1`; `H_pre = pre_weights`, summing to 1; H_res keeps
+    its start, whose rows sum to 1 for every mapping that is doubly stochastic. float32."""
+    n = self.num_streams
+    target = pre_weights(n, self.layer_index) - self.pre_eps  # H_pre = sigmoid + pre_eps
+    bias = np.array(params["bias"], np.float32)
+    bias[:n] = np.log(target / (1.0 - target))  # in float64, then rounded once
+    bias[n:2 * n] = 0.0
+    alpha = np.array(params["alpha"], np.float32)
+    alpha[:2] = 0.0
+    return {**params, "alpha": alpha, "bias": bias}
+
   def init_params(self, key: jax.Array) -> Params:
     n, c = self.num_streams, self.dim
     width = 2 * n + self.num_res_logits
@@ -339,6 +389,8 @@ class HeadConfig:
     check_int("dim", self.dim, 1)
     _check_nonnegative("eps", self.eps)
     _check_nonnegative("norm_eps", self.norm_eps)
+
+  no_weight_decay: ClassVar[frozenset[str]] = frozenset()
 
   def init_params(self, key: jax.Array) -> Params:
     n, c = self.num_streams, self.dim

@@ -2,8 +2,9 @@
 
 Parameters are `nnx.Param` attributes named as in the configs' `init_params`. With
 `sow_coefficients=True` each call also sows its `Coefficients` as `nnx.Intermediate`
-`coefficients`, for diagnostics from the same forward pass:
-`out, intermediates = nnx.capture(model, nnx.Intermediate)(x)`.
+`coefficients`, for diagnostics from the same forward pass, collected as Flax's own modules'
+are (`sow_weights`): `out, intermediates = nnx.capture(model, nnx.Intermediate)(x)`. Outside
+`nnx.capture` Flax deprecates sowing (it warns, and keeps the values on the module).
 """
 
 import jax
@@ -27,7 +28,10 @@ class _ParamsModule(nnx.Module):
       params = config.init_params(rngs.params())
     self._param_names = tuple(params)
     for name, value in params.items():
-      setattr(self, name, nnx.Param(value))
+      # Tagged for optimizers: `weight_decay=False` on what the method exempts (HC's
+      # static maps); `mhc_jax.lm.optimizer` reads the tag.
+      decay = {"weight_decay": False} if name in config.no_weight_decay else {}
+      setattr(self, name, nnx.Param(value, **decay))
 
   def _params(self):
     return {name: getattr(self, name)[...] for name in self._param_names}

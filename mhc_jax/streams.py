@@ -37,6 +37,12 @@ class Coefficients(NamedTuple):
   h_res: jax.Array
 
 
+def mixing_flops(num_streams: int, dim: int) -> int:
+  """Forward matmul FLOPs per token of one site's mixing: `H_res @ X` (2 n² C), then
+  `H_pre @ X` and `H_post^T F` (2 n C each)."""
+  return 2 * num_streams**2 * dim + 4 * num_streams * dim
+
+
 def expand_streams(x: jax.Array, num_streams: int) -> jax.Array:
   """`[..., dim]` -> `[..., num_streams, dim]`: the input copied into every stream."""
   check_int("num_streams", num_streams)
@@ -50,21 +56,88 @@ def reduce_streams(streams: jax.Array) -> jax.Array:
   return jnp.sum(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
 
 
-def _mixing_dtype(streams: jax.Array) -> jnp.dtype:
-  return jnp.promote_types(streams.dtype, jnp.float32)
+def _mixing_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """float32 for float32 and narrower inputs; float64 stays float64 (for references)."""
+  return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
 
 
+def _sum_to(grad: jax.Array, like: jax.Array) -> jax.Array:
+  """`grad` (of the broadcast shape) summed over the axes `like` was broadcast along, then
+  cast to its dtype: static coefficients get the sum over the tokens, in float32."""
+  grad = jnp.sum(grad, axis=tuple(range(grad.ndim - like.ndim)))
+  broadcast = tuple(i for i, size in enumerate(like.shape) if size == 1 and grad.shape[i] != 1)
+  return jnp.sum(grad, axis=broadcast, keepdims=True).astype(like.dtype)
+
+
+# The mixing has custom VJPs for the memory: autodiff of `streams.astype(float32)` followed by
+# a contraction keeps the float32 copy for the backward, twice the bytes of bfloat16 streams,
+# at `aggregate` and again at `merge`. These keep their inputs as given (the streams in their
+# own dtype, which the site's other steps keep anyway; the small coefficients) and cast again
+# in the backward, where every product is still float32 and every contraction HIGHEST.
+
+
+@jax.custom_vjp
 def aggregate(streams: jax.Array, h_pre: jax.Array) -> jax.Array:
-  """`H_pre @ X`: `[..., n, dim]`, `[..., n]` -> `[..., dim]` (the branch input)."""
-  out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(_mixing_dtype(streams)),
-                   precision=_HIGHEST)
+  """`H_pre @ X`: `[..., n, dim]`, `[..., n]` -> `[..., dim]` (the branch input).
+
+  Leading axes broadcast (static coefficients have none). Computes in float32 (float64 stays
+  float64), returns the streams' dtype; the gradients have the inputs' dtypes.
+  """
+  dtype = _mixing_dtype(streams, h_pre)
+  out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(dtype), precision=_HIGHEST)
   return out.astype(streams.dtype)
 
 
+def _aggregate_fwd(streams, h_pre):
+  return aggregate(streams, h_pre), (streams, h_pre)
+
+
+def _aggregate_bwd(residuals, g):
+  streams, h_pre = residuals
+  dtype = _mixing_dtype(streams, h_pre)
+  g = g.astype(dtype)
+  d_streams = h_pre.astype(dtype)[..., :, None] * g[..., None, :]
+  d_h_pre = jnp.einsum("...c,...nc->...n", g, streams.astype(dtype), precision=_HIGHEST)
+  return _sum_to(d_streams, streams), _sum_to(d_h_pre, h_pre)
+
+
+aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
+
+
 def merge(streams: jax.Array, branch_output: jax.Array, coefficients: Coefficients) -> jax.Array:
-  """`H_res @ X + H_post^T F`: `[..., n, dim]`, `[..., dim]` -> `[..., n, dim]`."""
-  dtype = _mixing_dtype(streams)
-  mixed = jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams.astype(dtype),
-                     precision=_HIGHEST)
-  spread = coefficients.h_post[..., :, None] * branch_output.astype(dtype)[..., None, :]
+  """`H_res @ X + H_post^T F`: `[..., n, dim]`, `[..., dim]` -> `[..., n, dim]`.
+
+  Leading axes broadcast (static coefficients have none). Computes in float32 (float64 stays
+  float64), returns the streams' dtype; the gradients have the inputs' dtypes.
+  """
+  return _merge(streams, branch_output, coefficients.h_post, coefficients.h_res)
+
+
+@jax.custom_vjp
+def _merge(streams, branch_output, h_post, h_res):
+  dtype = _mixing_dtype(streams, h_post, h_res)
+  mixed = jnp.einsum("...kj,...jc->...kc", h_res, streams.astype(dtype), precision=_HIGHEST)
+  spread = h_post[..., :, None] * branch_output.astype(dtype)[..., None, :]
   return (mixed + spread).astype(streams.dtype)
+
+
+def _merge_fwd(streams, branch_output, h_post, h_res):
+  return _merge(streams, branch_output, h_post, h_res), (streams, branch_output, h_post, h_res)
+
+
+def _merge_bwd(residuals, g):
+  streams, branch_output, h_post, h_res = residuals
+  dtype = _mixing_dtype(streams, h_post, h_res)
+  g = g.astype(dtype)
+  # `d F` as products and a sum over the n streams, as autodiff's: a batched dot_general
+  # there cost a float32 6-layer scan on XLA:CPU one more F-sized temporary.
+  grads = (
+      jnp.einsum("...kj,...kc->...jc", h_res.astype(dtype), g, precision=_HIGHEST),
+      jnp.sum(h_post.astype(dtype)[..., :, None] * g, axis=-2),
+      jnp.einsum("...kc,...c->...k", g, branch_output.astype(dtype), precision=_HIGHEST),
+      jnp.einsum("...kc,...jc->...kj", g, streams.astype(dtype), precision=_HIGHEST),
+  )
+  return tuple(map(_sum_to, grads, residuals))
+
+
+_merge.defvjp(_merge_fwd, _merge_bwd)

@@ -1,6 +1,7 @@
 """Causal attention: "xla" against a float64 reference, "splash" (Pallas interpret mode) against
-"xla", "splash" and "cudnn" lowered for TPU and CUDA (there is no accelerator here), and the
-one-line refusals."""
+"xla", "splash" and "cudnn" lowered for TPU and CUDA (there is no accelerator here), masked
+attention over more keys than queries (a KV cache) against the reference, and the one-line
+refusals."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from mhc_jax.lm import attention
-from mhc_jax.lm.attention import causal_attention, default_attention
+from mhc_jax.lm.attention import causal_attention, default_attention, masked_attention
 
 F32_TOL = 1e-5  # relative (norm) error of a float32 computation against float64
 BF16_TOL = 1e-2  # bfloat16 keeps 8 mantissa bits: relative rounding 2^-9 per element
@@ -19,14 +20,16 @@ def rel_err(out, ref):
   return np.linalg.norm(out - ref) / np.linalg.norm(ref)
 
 
-def reference(q, k, v):
-  """Causal attention written apart from attention.py: kv heads repeated per group, the mask
-  added as -inf, a hand-written softmax; float64 in, float64 out."""
+def reference(q, k, v, visible=None):
+  """Attention written apart from attention.py: kv heads repeated per group, the mask (causal,
+  or `visible` `[batch, seq, keys]`) added as -inf, a hand-written softmax; float64 in,
+  float64 out."""
   group = q.shape[2] // k.shape[2]
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
   logits = jnp.einsum("bqhd,bshd->bhqs", q, k) / np.sqrt(q.shape[-1])
   seq = q.shape[1]
-  logits = logits + np.where(np.triu(np.ones((seq, seq), bool), 1), -np.inf, 0.0)
+  hidden = np.triu(np.ones((seq, seq), bool), 1) if visible is None else ~visible[:, None]
+  logits = logits + np.where(hidden, -np.inf, 0.0)
   weights = jnp.exp(logits - logits.max(-1, keepdims=True))
   return jnp.einsum("bhqs,bshd->bqhd", weights / weights.sum(-1, keepdims=True), v)
 
@@ -48,9 +51,9 @@ def value_and_grads(fn, q, k, v, cotangent):
   return jax.jit(both)(q, k, v, cotangent)
 
 
-def float64_reference(q, k, v):
+def float64_reference(q, k, v, visible=None):
   with jax.enable_x64(True):
-    return np.asarray(reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v))))
+    return np.asarray(reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), visible))
 
 
 def float64_value_and_grads(q, k, v, cotangent):
@@ -88,6 +91,28 @@ def test_xla_is_causal_and_keeps_bfloat16():
   out2 = causal_attention(*as_dtype(jnp.bfloat16, q, k2, v2), implementation="xla")
   assert np.array_equal(np.asarray(out2[:, :-1]), np.asarray(out[:, :-1]))
   assert not np.allclose(np.asarray(out2[:, -1], np.float32), np.asarray(out[:, -1], np.float32))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1)])
+def test_masked_attention_over_a_cache_matches_float64_reference(heads, kv_heads):
+  # 5 queries over 9 keys, each seeing a random subset that holds its own key (slots 4..8);
+  # slot 0 is hidden from every query, as padding is.
+  q = random_inputs(heads, 2, 5, heads, kv_heads, 8)[0]
+  _, k, v, _ = random_inputs(kv_heads, 2, 9, heads, kv_heads, 8)
+  visible = np.random.default_rng(heads + kv_heads).random((2, 5, 9)) < 0.5
+  visible[:, np.arange(5), 4 + np.arange(5)], visible[:, :, 0] = True, False
+  attend = jax.jit(masked_attention)
+  out = attend(*as_dtype(jnp.float32, q, k, v), visible)
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  assert rel_err(out, float64_reference(q, k, v, visible)) <= F32_TOL
+  k[:, 0], v[:, 0] = 9.0, -9.0  # what a hidden key holds changes nothing, bit for bit
+  np.testing.assert_array_equal(attend(*as_dtype(jnp.float32, q, k, v), visible), out)
+  one_line_error(r"^attention visible must be bool \(2, 5, 9\) \(batch, seq, keys\), got bool "
+                 r"\(2, 5, 5\)$", masked_attention, *as_dtype(jnp.float32, q, k, v),
+                 visible[..., :5])
+  one_line_error(r"^attention k and v must match q's batch and head_dim, got q \(2, 5, 4, 8\) "
+                 r"and k \(1, 9, ", masked_attention, *as_dtype(jnp.float32, q, k[:1], v[:1]),
+                 visible)
 
 
 # Interpret mode on CPU: about 1.5 s for the forward pass, 5-10 s with gradients, per case.

@@ -16,6 +16,7 @@ import pytest
 from mhc_jax.lm.metrics import read_metrics
 
 from experiments import compare_residuals, report
+from experiments.runs import check_run_config
 from experiments.report.markdown import format_paired
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -193,11 +194,10 @@ def test_runs_differ_only_in_residual_and_seeds(preset):
 
 def test_a_workdir_of_other_configs_is_refused(tmp_path, preset):
   settings = compare_residuals.load_settings(preset)
-  compare_residuals.check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 0))
-  compare_residuals.check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 0))
+  check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 0))
+  check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 0))
   with pytest.raises(ValueError, match=r"other configs \(differing: data.seed, loop.seed\)"):
-    compare_residuals.check_run_config(tmp_path,
-                                       compare_residuals.run_configs(settings, "mhc", 1))
+    check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 1))
 
 
 def test_bad_preset_or_variant_exits_2(tmp_path, capsys):

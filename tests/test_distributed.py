@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from mhc_jax.lm import cli, distributed
+from mhc_jax.lm import checkpoint, cli, distributed
 from mhc_jax.lm.metrics import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,10 +40,10 @@ def test_errors_of_a_lost_process_are_told_from_others():
 
 
 def test_the_message_names_the_lost_contact_and_where_to_resume(tmp_path):
-  assert distributed.latest_checkpoint(tmp_path) is None
+  assert checkpoint.latest_step(tmp_path) is None
   for name in ("5", "10", "15.orbax-checkpoint-tmp-1234"):  # the last one is being written
     (tmp_path / "checkpoints" / name).mkdir(parents=True)
-  assert distributed.latest_checkpoint(tmp_path) == 10
+  assert checkpoint.latest_step(tmp_path) == 10
   assert distributed.peer_lost_message(ValueError(GLOO_RESET), 10) == (
       f"lost contact with another process ({GLOO_RESET}): exiting so the job can restart; "
       "rerun to resume from step 10")
@@ -145,7 +145,7 @@ def test_survivor_of_a_killed_process_exits_at_once_and_the_rerun_resumes(tmp_pa
   print(f"survivor exited {took:.2f} s after the kill")
   assert code == distributed.PEER_LOST, stderr[-3000:]
   assert took < 30, stderr[-3000:]
-  step = distributed.latest_checkpoint(workdir)
+  step = checkpoint.latest_step(workdir)
   assert step is not None and step >= CHECKPOINT_EVERY
   after = stderr[stderr_before:].splitlines()
   assert len(after) == 1, stderr[-3000:]

@@ -22,6 +22,7 @@ from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.pretrained import difference, load_params
+from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS
 from mhc_jax.lm.train import train
 from mhc_jax.lm.train_state import LoopConfig
 
@@ -253,7 +254,7 @@ def shapes_unlike_its_config(tmp_path, source):
      "float32[2, 48, 32]"),
     (lambda tmp_path, source: (source, {}), {"residual": "postnorm"},
      "ModelConfig.residual is 'postnorm', the checkpoint {dir} holds a 'prenorm' model: set "
-     "ModelConfig.residual = 'prenorm', or hc, mhc, mhc_lite to retrofit it"),
+     f"ModelConfig.residual = 'prenorm', or {', '.join(RETROFIT_RESIDUALS)} to retrofit it"),
     (lambda tmp_path, source: (source, {}), {"residual": "mhc"},
      "ModelConfig.stream_reduction is 'sum', the checkpoint {dir} retrofitted to mhc has "
      "'mean': set ModelConfig.stream_reduction = 'mean'"),

@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from kernels_pallas.sinkhorn import sinkhorn_reference
-from mhc_jax import HeadConfig, MHCConfig, aggregate, merge
+from mhc_jax import HCConfig, HeadConfig, MHCConfig, aggregate, merge
 from mhc_jax.mappings import rms_projection
+from test_modules import hc_reference, site_reference
 
 EPS = 1e-6
 
@@ -96,7 +98,8 @@ def random_head_params(seed: int, dtype) -> dict:
           "alpha": jnp.asarray([0.8], dtype), "bias": random(seed + 1, (N,), dtype)}
 
 
-def mhc_site(cfg, params, x, w):
+def library_site(cfg, params, x, w):
+  """One site of any config: `merge(X, branch(aggregate(X, H_pre)), coefficients(X))`."""
   coefficients = cfg.coefficients(params, x)
   return merge(x, branch(aggregate(x, coefficients.h_pre), w), coefficients)
 
@@ -192,7 +195,7 @@ def site_and_head_vjps(dtype, res="sinkhorn"):
   x = random(10, (2, 3, N, C), dtype, scale=2.0)
   site_args = (random_mhc_params(mhc, 11, dtype), x, random(13, (C, C), dtype, 1 / np.sqrt(C)))
   head_args = (random_head_params(14, dtype), x)
-  cases = {"mhc site": (lambda *a: mhc_site(mhc, *a), lambda *a: mhc_site_reference(mhc, *a),
+  cases = {"mhc site": (lambda *a: library_site(mhc, *a), lambda *a: mhc_site_reference(mhc, *a),
                         site_args),
            "head": (lambda *a: head(hc_head, *a), lambda *a: head_reference(hc_head, *a),
                     head_args)}
@@ -228,6 +231,86 @@ def test_mhc_site_and_head_float32_match_float64(res):
   assert_close(library, reference, 1e-5)
 
 
+# ---- Hyper-Connections (static and dynamic) against the paper's formulas
+
+
+HC_OPTIONS = {"dynamic": {}, "dynamic without tanh": dict(use_tanh=False),
+              "static": dict(dynamic=False)}
+HC_LEADS = {"one token": (), "tokens": (7,), "batch and sequence": (2, 3)}
+
+
+def random_hc_params(cfg: HCConfig, seed: int, dtype) -> dict:
+  """Every parameter moved off its init (W = 0 would hide the dynamic path's gradients)."""
+  return {name: value.astype(dtype) + random(seed + i, value.shape, dtype, 0.5)
+          for i, (name, value) in enumerate(cfg.init_params(jax.random.key(0)).items())}
+
+
+def hc_site_reference(cfg, params, x, w):
+  return site_reference(hc_reference(params, x, cfg), x, lambda u: branch(u, w))
+
+
+def hc_site_args(cfg, dtype, lead):
+  x = random(30, (*lead, N, C), dtype, scale=2.0)
+  return random_hc_params(cfg, 31, dtype), x, random(13, (C, C), dtype, 1 / np.sqrt(C))
+
+
+def hc_site_vjps(options, dtype, lead):
+  """-> (library, reference): {"hc site": (value, gradients)} at `dtype`."""
+  cfg = HCConfig(N, C, layer_index=1, **HC_OPTIONS[options])
+  args = hc_site_args(cfg, dtype, lead)
+  results = []
+  for f in (lambda *a: library_site(cfg, *a), lambda *a: hc_site_reference(cfg, *a)):
+    out, pullback = jax.vjp(f, *args)
+    results.append({"hc site": (out, pullback(random(32, out.shape, dtype)))})
+  return results
+
+
+@pytest.mark.parametrize("lead", HC_LEADS)
+@pytest.mark.parametrize("options", HC_OPTIONS)
+def test_hc_site_float64_matches_autodiff_of_plain_formula(options, lead):
+  with jax.enable_x64(True):
+    library, reference = hc_site_vjps(options, np.float64, HC_LEADS[lead])
+  assert_close(library, reference, 1e-12)
+
+
+@pytest.mark.parametrize("lead", HC_LEADS)
+@pytest.mark.parametrize("options", HC_OPTIONS)
+def test_hc_site_float32_matches_float64(options, lead):
+  library, _ = hc_site_vjps(options, np.float32, HC_LEADS[lead])
+  with jax.enable_x64(True):
+    _, reference = hc_site_vjps(options, np.float64, HC_LEADS[lead])
+    reference = jax.tree.map(lambda a: a.astype(np.float32), reference)
+  assert_close(library, reference, 1e-5)
+
+
+@pytest.mark.parametrize("options", ["dynamic", "dynamic without tanh"])
+def test_hc_site_gradients_match_finite_differences(options):
+  cfg = HCConfig(N, C, layer_index=1, **HC_OPTIONS[options])
+  with jax.enable_x64(True):
+    check_grads(lambda *a: library_site(cfg, *a), hc_site_args(cfg, np.float64, (3,)),
+                order=1, modes=["rev"])
+
+
+@pytest.mark.parametrize("lead", ["tokens", "batch and sequence"])
+def test_hc_coefficients_from_bfloat16_streams_against_float64(lead):
+  cfg = HCConfig(N, C, layer_index=1)
+  params, x, _ = hc_site_args(cfg, np.float32, HC_LEADS[lead])
+  x = x.astype(jnp.bfloat16)
+  out, pullback = jax.vjp(cfg.coefficients, params, x)
+  cotangents = jax.tree.map(lambda a: random(33, a.shape), out)
+  grads = pullback(cotangents)
+  with jax.enable_x64(True):  # on the very values the library saw
+    to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    ref_out, ref_pullback = jax.vjp(lambda p, x: hc_reference(p, x, cfg), *to64((params, x)))
+    ref_grads = ref_pullback(tuple(to64(cotangents)))
+  assert all(a.dtype == jnp.float32 for a in out) and grads[1].dtype == jnp.bfloat16
+  for got, ref in zip(out, ref_out):
+    assert rel_err(got, ref) < 1e-5
+  for name, got in grads[0].items():
+    assert got.dtype == jnp.float32 and rel_err(got, ref_grads[0][name]) < 1e-5, name
+  assert rel_err(grads[1], ref_grads[1]) < 1e-2  # the gradient is rounded to 8 bits
+
+
 # ---- what the coefficient path keeps for the backward
 
 
@@ -253,3 +336,15 @@ def test_coefficients_keep_only_the_streams_for_the_backward(dtype, res):
   # Autodiff of the plain formula keeps three: x, its float32 flattened copy, d(x^2)/dx.
   assert stream_bytes <= mhc_saved < 1.5 * stream_bytes
   assert stream_bytes <= head_saved < 1.5 * stream_bytes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dynamic_hc_coefficients_keep_only_the_streams_for_the_backward(dtype):
+  # Autodiff of the per-stream norm and the three projections keeps the normalised float32
+  # copy and more: 4.1 stream arrays in float32 here, 8.1 (bfloat16 ones) in bfloat16.
+  n, c = 4, 256
+  hc = HCConfig(n, c)
+  x = random(21, (512, n, c), dtype)
+  stream_bytes = x.size * x.dtype.itemsize
+  saved = saved_bytes(lambda x, p: hc.coefficients(p, x), x, hc.init_params(jax.random.key(0)))
+  assert stream_bytes <= saved < 1.5 * stream_bytes

@@ -10,7 +10,7 @@ from flax import nnx
 from mhc_jax.lm.model import SITES, Block, ModelConfig, RMSNorm
 from mhc_jax.lm.residuals import RESIDUALS
 
-CFG = dict(d_model=16, num_layers=2, num_heads=2, mlp_dim=32, num_streams=3)
+CFG = dict(d_model=16, num_layers=2, num_heads=2, mlp_dim=32, num_streams=4)
 
 
 def branch(x):

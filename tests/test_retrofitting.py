@@ -12,12 +12,18 @@ import pytest
 from flax import nnx
 
 from mhc_jax.lm import ModelConfig, Transformer, retrofit
-from mhc_jax.lm.model import from_params, layer_params
-from mhc_jax.lm.retrofitting import pre_weights
+from mhc_jax.lm.model import layer_params
+from mhc_jax.lm.residuals import RESIDUALS as RESIDUAL_TABLE
+from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS
+from mhc_jax.mappings import HCConfig, MHCConfig, pre_weights
+from mhc_jax.modules import ManifoldHyperConnection
 from mhc_jax.lm.train_state import cross_entropy
+from random_models import far_from_init
 
 QWEN3 = pathlib.Path(__file__).parent / "fixtures" / "hf" / "qwen3"
-RESIDUALS = ["hc", "mhc", "mhc_lite"]
+RESIDUALS = RETROFIT_RESIDUALS  # every stream variant of the registry
+# Which site parameters may wait for step 2 to move: the zero-started factors of a product.
+SECOND_STEP = {HCConfig: {"scale_alpha", "scale_beta", "norm_scale"}, MHCConfig: {"phi"}}
 VOCAB = 64
 
 
@@ -34,16 +40,7 @@ def pretrained(source: str, scan_layers: bool) -> Transformer:
   cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
                     tie_embeddings=False, scan_layers=scan_layers, remat="none",
                     sinkhorn_iters=4)
-  # Drawn in numpy and loaded with `from_params`: no random program to compile.
-  rng = np.random.default_rng(0)
-  draw = lambda path, x: (1 + 0.2 * rng.standard_normal(x.shape) if path[-1].key == "scale"
-                          else 0.3 * rng.standard_normal(x.shape))
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  params = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(nnx.state(abstract)))
-  blocks = params.pop("blocks")
-  layers = [jax.tree.map(lambda x, i=i: x[i], blocks) if scan_layers else blocks[i]
-            for i in range(cfg.num_layers)]
-  return from_params(cfg, params, layers)
+  return far_from_init(cfg)
 
 
 def random_tokens(seed: int, seq: int = 12) -> jax.Array:
@@ -112,25 +109,25 @@ def test_own_model_keeps_its_logits_then_fine_tuning_moves_every_new_parameter(r
   assert not stuck, f"never moved in 3 steps: {stuck}"
   # Only the zero-started factors of a product may wait for step 2 to move.
   waited = {name.split("/")[-1] for name in start if np.array_equal(start[name], first[name])}
-  allowed = {"hc": {"scale_alpha", "scale_beta", "norm_scale"}, "mhc": {"phi"},
-             "mhc_lite": {"phi"}}[residual]
+  allowed = SECOND_STEP[type(RESIDUAL_TABLE[residual].site_config(streams.cfg, 0))]
   assert waited <= allowed, f"still at step 1: {waited - allowed}"
 
 
-@pytest.mark.parametrize("residual", ["mhc", "mhc_lite"])
+@pytest.mark.parametrize("residual", [name for name in RESIDUALS
+                                      if RESIDUAL_TABLE[name].site_module is ManifoldHyperConnection])
 def test_mhc_sites_start_static_with_unit_pre_and_post(residual):
-  streams = retrofit(pretrained("own", False), residual, num_streams=3)
-  site = streams.blocks[1].mlp_site  # sub-layer 3: H_pre's larger weight on stream 3 mod 3
-  x = jax.random.normal(jax.random.key(0), (5, 3, 32))
+  streams = retrofit(pretrained("own", False), residual, num_streams=4)
+  site = streams.blocks[1].mlp_site  # sub-layer 3: H_pre's larger weight on stream 3 mod 4
+  x = jax.random.normal(jax.random.key(0), (5, 4, 32))
   h_pre, h_post, h_res = site.compute_coefficients(x)
-  np.testing.assert_allclose(h_pre, np.broadcast_to(pre_weights(3, 3), (5, 3)), rtol=1e-6)
-  np.testing.assert_allclose(h_post, np.ones((5, 3)), rtol=0, atol=0)
-  np.testing.assert_allclose(jnp.sum(h_res, -1), np.ones((5, 3)), rtol=1e-6)
+  np.testing.assert_allclose(h_pre, np.broadcast_to(pre_weights(4, 3), (5, 4)), rtol=1e-6)
+  np.testing.assert_allclose(h_post, np.ones((5, 4)), rtol=0, atol=0)
+  np.testing.assert_allclose(jnp.sum(h_res, -1), np.ones((5, 4)), rtol=1e-6)
   assert pre_weights(3, 3).argmax() == 0 and np.isclose(pre_weights(3, 3).sum(), 1.0)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"residual": "postnorm"}, "retrofit residual must be one of hc, mhc, mhc_lite; got "
+    ({"residual": "postnorm"}, f"retrofit residual must be one of {', '.join(RESIDUALS)}; got "
      "'postnorm'"),
     ({"residual": "mhc", "num_streams": 1}, "retrofit num_streams must be an int >= 2"),
 ])

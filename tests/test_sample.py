@@ -1,11 +1,13 @@
 """mhc_jax.lm.sample: sampling continues a prompt with the model's next-token distribution
-at the right position, and what it prints is text (no control bytes in a training log)."""
+at the right position, the model never reading more than the context, and what it prints is
+text (no control bytes in a training log)."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from mhc_jax.lm import sample
 from mhc_jax.lm.model import ModelConfig, Transformer
 from mhc_jax.lm.sample import printable, sample_text, sample_tokens
 from mhc_jax.lm.tokenizer import decode, encode
@@ -20,27 +22,57 @@ def tiny_model(logit_scale=1.0):
   return model
 
 
-def greedy_by_full_forward(model, prompt, num_tokens, context):
-  """The reference: each next token the argmax of the model's logits at the last position of
-  the unpadded window, recomputed by a full forward pass; also the smallest top-2 gap."""
+def greedy_by_full_forward(model, prompt, num_tokens):
+  """The reference: the prompt followed by `num_tokens` tokens, each the argmax of the
+  model's logits at the last position, recomputed by a full forward pass over the prompt and
+  the tokens so far; also the smallest top-2 gap."""
   tokens, gaps = list(prompt), []
   for _ in range(num_tokens):
-    logits = np.asarray(model(jnp.asarray([tokens[-context:]], jnp.int32))[0, -1])
+    logits = np.asarray(model(jnp.asarray([tokens], jnp.int32))[0, -1])
     top2 = np.sort(logits)[-2:]
     gaps.append(top2[1] - top2[0])
     tokens.append(int(np.argmax(logits)))
   return tokens, min(gaps)
 
 
-def test_a_cold_sample_is_the_argmax_of_a_full_forward_at_the_last_position():
-  # Prompt shorter than the context: the first windows are padded, so reading the logits one
-  # position late (or early) picks other tokens; then the window slides.
+def test_a_cold_sample_is_the_argmax_of_a_full_forward_over_the_window():
+  # 3 prompt tokens and 10 more in a context of 8: the first 6 read all the tokens before
+  # them (8 at most); then the last 4 are read afresh and 4 more follow them.
   model, prompt, temperature = tiny_model(logit_scale=100.0), [72, 101, 108], 1e-3
-  expected, gap = greedy_by_full_forward(model, prompt, num_tokens=10, context=8)
-  assert gap / temperature > 50  # no Gumbel draw can overturn the argmax
+  first, gap = greedy_by_full_forward(model, prompt, 6)
+  second, second_gap = greedy_by_full_forward(model, first[-4:], 4)
+  expected = first + second[4:]
+  assert min(gap, second_gap) / temperature > 50  # no Gumbel draw can overturn the argmax
   sampled = sample_tokens(model, prompt, num_tokens=10, context=8, temperature=temperature)
   assert sampled == expected
+  assert sample_tokens(model, prompt, num_tokens=10, context=8, temperature=0.0) == expected
   assert len(set(expected[3:])) > 1  # not one token repeated: the positions matter
+
+
+@pytest.mark.parametrize("context", [1, 2, 8])
+def test_the_model_never_reads_more_than_the_context(monkeypatch, context):
+  calls = []
+
+  def fake_generate(model, prompts, max_new_tokens, *, context, seed, temperature):
+    calls.append((prompts[0], max_new_tokens, seed))
+    assert len(prompts[0]) + max_new_tokens - 1 <= context  # the last token is never read
+    return [np.arange(max_new_tokens, dtype=np.int32) + 100 * len(calls)]
+
+  monkeypatch.setattr(sample, "generate", fake_generate)
+  tokens = sample_tokens(None, [1, 2, 3], num_tokens=20, context=context, temperature=1.0)
+  assert len(tokens) == 23 and tokens[:3] == [1, 2, 3]
+  made = 3
+  for i, (window, new, _) in enumerate(calls):
+    # Each window is the end of the text so far: all of it that fits the first time, then
+    # the last half of the context; the last round keeps only the tokens still wanted.
+    assert window == tokens[made - len(window):made]
+    assert len(window) == (min(3, context) if i == 0 else (context + 1) // 2)
+    new = min(new, 23 - made)
+    assert tokens[made:made + new] == list(range(100 * (i + 1), 100 * (i + 1) + new))
+    made += new
+  assert made == 23 and len({seed for _, _, seed in calls}) == len(calls)
+  # Every round after the first asks for as many tokens: one program for them all.
+  assert len({new for _, new, _ in calls[1:]}) == 1
 
 
 def test_samples_follow_the_seed():
@@ -71,7 +103,7 @@ def test_printed_sample_of_an_untrained_byte_model_has_no_control_bytes():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_tokens=0), "num_tokens must be an int >= 1, got 0"),
     (dict(context=0), "context must be an int >= 1, got 0"),
-    (dict(temperature=0.0), r"temperature must be a number > 0, got 0.0"),
+    (dict(temperature=-1.0), r"temperature must be a number >= 0 \(0: greedy\), got -1.0"),
 ])
 def test_bad_sampling_settings_are_one_line(kwargs, match):
   settings = {"num_tokens": 2, "context": 4, "temperature": 1.0, **kwargs}

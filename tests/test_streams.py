@@ -1,7 +1,8 @@
-"""Stream mixing (`mhc_jax.streams`): full float32 contractions whatever the default precision.
+"""Stream mixing (`mhc_jax.streams`): full float32 contractions whatever the default precision;
+the custom VJPs' values, gradients and kept bytes.
 
-The CPU backend computes float32 dots exactly at any precision, so a numerical test here
-could not fail: the tests read the precision of every `dot_general` in the lowered program.
+The CPU backend computes float32 dots exactly at any precision, so a numerical test could not
+catch a lowered precision: the precision tests read every `dot_general` in the lowered program.
 """
 
 import re
@@ -13,6 +14,8 @@ import pytest
 from flax import nnx
 
 import mhc_jax
+from test_mappings import saved_bytes
+from test_modules import rel_err
 
 N, C, TOKENS = 4, 8, 6
 _DOT = re.compile(r"stablehlo\.dot_general\b[^\n]*")
@@ -79,3 +82,99 @@ def test_hyper_head_forward_and_backward_run_every_dot_at_highest_precision():
   x = random(8, (TOKENS, N, C))
   assert_all_highest(head, params, x)
   assert_all_highest(jax.grad(lambda p, x: jnp.sum(head(p, x) ** 2), argnums=(0, 1)), params, x)
+
+
+# ---- the mixing's custom VJP: values, gradients and what it keeps for the backward
+
+
+def aggregate_reference(streams, h_pre):
+  return jnp.einsum("...n,...nc->...c", h_pre, streams)
+
+
+def merge_reference(streams, branch_output, coefficients):
+  return (jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams) +
+          coefficients.h_post[..., :, None] * branch_output[..., None, :])
+
+
+def mixing_inputs(lead, coefficient_lead, dtype, dim=C):
+  """Random streams `[*lead, N, dim]` and branch output in `dtype`, float32 coefficients with
+  leading axes `coefficient_lead` (`()`: static, as HC's)."""
+  streams = random(10, (*lead, N, dim)).astype(dtype)
+  branch_output = random(11, (*lead, dim)).astype(dtype)
+  coefficients = mhc_jax.Coefficients(random(12, (*coefficient_lead, N)),
+                                      random(13, (*coefficient_lead, N)),
+                                      random(14, (*coefficient_lead, N, N)))
+  return streams, branch_output, coefficients
+
+
+MIXING_SHAPES = {  # streams' leading axes, coefficients' leading axes
+    "one token": ((), ()),
+    "tokens, per-token coefficients": ((TOKENS,), (TOKENS,)),
+    "batch and sequence": ((2, 3), (2, 3)),
+    "static coefficients": ((2, 3), ()),
+    "coefficients per sequence position": ((2, 3), (3,)),
+    "streams shared by the batch": ((3,), (2, 3)),
+}
+# name -> (library, float64 reference, its arguments from (streams, branch_output, coefficients))
+MIXINGS = {
+    "aggregate": (mhc_jax.aggregate, aggregate_reference, lambda x, f, c: (x, c.h_pre)),
+    "merge": (mhc_jax.merge, merge_reference, lambda x, f, c: (x, f, c)),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shapes", MIXING_SHAPES)
+@pytest.mark.parametrize("mixing", MIXINGS)
+def test_mixing_values_and_gradients_match_float64(mixing, shapes, dtype):
+  fn, reference, pick = MIXINGS[mixing]
+  args = pick(*mixing_inputs(*MIXING_SHAPES[shapes], dtype))
+  out, pullback = jax.vjp(fn, *args)
+  cotangent = random(15, out.shape).astype(dtype)
+  grads = pullback(cotangent)
+  with jax.enable_x64(True):  # on the very values the library saw
+    to64 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), tree)
+    ref_out, ref_pullback = jax.vjp(reference, *to64(args))
+    ref_grads = ref_pullback(to64(cotangent))
+  assert out.dtype == dtype and out.shape == ref_out.shape
+  for (path, got), ref, primal in zip(jax.tree.leaves_with_path((out, grads)),
+                                      jax.tree.leaves((ref_out, ref_grads)),
+                                      jax.tree.leaves((out, args))):
+    name = jax.tree_util.keystr(path)
+    assert got.dtype == primal.dtype and got.shape == primal.shape, name
+    if not np.any(ref):  # merge does not read H_pre
+      np.testing.assert_array_equal(got, 0, name)
+    elif got.dtype == jnp.bfloat16:
+      # Products summed in float32, then rounded once: the float64 value rounded to bfloat16.
+      np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                    np.asarray(ref.astype(jnp.bfloat16), np.float32), name)
+    else:  # float32: all of it for float32 streams, else the coefficients' gradients (summed
+      # over the tokens that share them)
+      assert rel_err(got, ref) < 1e-6, name
+
+
+def assert_backward_all_highest(fn, *args):
+  """The backward alone: `fn`'s pullback at `args`, lowered with its residuals as constants
+  (a gradient's program also holds the forward's dots, which could hide a backward without)."""
+  out, pullback = jax.vjp(fn, *args)
+  assert_all_highest(pullback, random(9, out.shape).astype(out.dtype))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("coefficient_lead", [(TOKENS,), ()], ids=["per token", "static"])
+def test_mixing_backward_contracts_at_highest_precision(coefficient_lead, dtype):
+  streams, branch_output, coefficients = mixing_inputs((TOKENS,), coefficient_lead, dtype)
+  assert_backward_all_highest(mhc_jax.aggregate, streams, coefficients.h_pre)
+  assert_backward_all_highest(mhc_jax.merge, streams, branch_output, coefficients)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mixing_keeps_the_streams_in_their_own_dtype_for_the_backward(dtype):
+  # Wide enough that the float32 coefficients (n + n + n² a token) are small next to a token's
+  # streams: a float32 copy of bfloat16 streams (two stream arrays) cannot hide.
+  streams, branch_output, coefficients = mixing_inputs((512,), (512,), dtype, dim=256)
+  stream_bytes = streams.size * streams.dtype.itemsize
+  aggregate_saved = saved_bytes(mhc_jax.aggregate, streams, coefficients.h_pre)
+  merge_saved = saved_bytes(mhc_jax.merge, streams, branch_output, coefficients)
+  # aggregate: X and H_pre; merge: X, F (1/n of X), H_post, H_res.
+  assert stream_bytes <= aggregate_saved < 1.05 * stream_bytes
+  assert 1.25 * stream_bytes <= merge_saved < 1.35 * stream_bytes

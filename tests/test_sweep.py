@@ -82,6 +82,14 @@ def test_local_sweep_runs_each_point_once(tmp_path, corpus):
   assert again.stdout.count("finished, skipped") == 2, again.stdout
 
 
+def test_a_run_is_finished_at_the_steps_its_bindings_ask(tmp_path):
+  (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+  (tmp_path / "finished.json").write_text('{"step": 2}')
+  run = lambda steps: sweep.Run("r", (), (f"LoopConfig.steps = {steps}",))
+  assert sweep.is_finished(run(2), tmp_path)
+  assert not sweep.is_finished(run(3), tmp_path)  # more steps asked: it resumes
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))

@@ -4,6 +4,7 @@ config lowers, diagnostics from the training pass, non-finite updates never appl
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train import NonFiniteError, train
+from mhc_jax.lm.train import FINISHED, NonFiniteError, is_finished, train
 from mhc_jax.lm.train_state import LoopConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -29,14 +30,15 @@ def tiny_model(**overrides):
 
 
 def run(workdir, corpus, *, steps, model=None, mesh=MeshConfig(), devices=None,
-        stop_after_step=None):
+        stop_after_step=None, diagnostics_every=0):
   return train(
       str(workdir), model=model or tiny_model(),
       data=DataConfig(source=corpus, seq_len=32, batch_size=8),
       optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=5),
       mesh=mesh, loop=LoopConfig(steps=steps, eval_every=steps, eval_batches=2,
                                  checkpoint_every=1000, log_every=1, sample_tokens=0,
-                                 stop_after_step=stop_after_step),
+                                 stop_after_step=stop_after_step,
+                                 diagnostics_every=diagnostics_every),
       devices=devices or jax.devices()[:int(np.prod(mesh.shape))], progress=False)
 
 
@@ -74,10 +76,23 @@ def test_resume_is_bitwise_identical(tmp_path, corpus, scan_layers):
 
 
 @pytest.mark.parametrize("residual", RESIDUALS)
-def test_every_residual_variant_trains_without_nan(tmp_path, corpus, residual):
-  history = run(tmp_path, corpus, steps=3, model=tiny_model(residual=residual, dtype="bfloat16"))
-  assert np.all(np.isfinite(losses(history))) and np.isfinite(history[-1]["eval_loss"])
-  assert all(np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in history)
+def test_every_residual_variant_trains_resumes_bitwise_and_logs_its_gains(tmp_path, corpus,
+                                                                         residual):
+  model = tiny_model(residual=residual, dtype="bfloat16")
+  straight = run(tmp_path / "straight", corpus, steps=4, model=model, diagnostics_every=2)
+  assert np.all(np.isfinite(losses(straight))) and np.isfinite(straight[-1]["eval_loss"])
+  assert all(np.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in straight)
+  first = run(tmp_path / "resumed", corpus, steps=4, model=model, diagnostics_every=2,
+              stop_after_step=2)
+  second = run(tmp_path / "resumed", corpus, steps=4, model=model, diagnostics_every=2)
+  np.testing.assert_array_equal(losses(first + second), losses(straight))
+  gains = {name: value for name, value in straight[-1].items() if "gain/" in name}
+  if RESIDUALS[residual].uses_streams:  # 2 layers x (attention, MLP), and their max
+    per_sublayer = [gains[f"composite_forward_gain/{i:02d}"] for i in range(4)]
+    assert np.all(np.isfinite(per_sublayer)) and max(per_sublayer) == \
+        gains["composite_forward_gain/max"]
+  else:
+    assert not gains
 
 
 def test_tpu_pod_config_lowers_on_256_abstract_devices():
@@ -141,3 +156,15 @@ def test_nonfinite_updates_are_never_applied_or_saved(tmp_path, corpus, policy):
   history = train(str(tmp_path), **kwargs)
   assert [row["skipped_steps"] for row in history] == [1, 2, 3]
   assert np.isfinite(history[-1]["eval_loss"])
+
+
+def test_finished_means_the_marker_and_a_checkpoint_of_the_last_step(tmp_path, corpus):
+  """What sweeps and comparisons reuse: the run's own marker, not their own reading."""
+  run(tmp_path, corpus, steps=2)
+  assert is_finished(tmp_path, 2) and is_finished(tmp_path, 1) and not is_finished(tmp_path, 3)
+  (tmp_path / FINISHED).unlink()  # as if killed after the last checkpoint, before the marker
+  assert not is_finished(tmp_path, 2)
+  assert run(tmp_path, corpus, steps=2) == []  # nothing left to train, yet it is marked
+  assert is_finished(tmp_path, 2)
+  shutil.rmtree(tmp_path / "checkpoints" / "2")  # without it, the run redoes its last step
+  assert not is_finished(tmp_path, 2)

@@ -11,11 +11,12 @@ def _pm(stats: dict) -> str:
 
 
 def format_paired(delta: dict) -> str:
-  """A paired difference as `mean [low, high]` (its 95% interval), or the mean alone."""
+  """A paired difference as `mean [low, high]` (its 95% interval) and the difference these
+  seeds detect with 80% power, or the mean alone."""
   if math.isnan(delta["ci95"]):
     return f"{delta['mean']:+.4f}"
   return (f"{delta['mean']:+.4f} [{delta['mean'] - delta['ci95']:+.4f}, "
-          f"{delta['mean'] + delta['ci95']:+.4f}]")
+          f"{delta['mean'] + delta['ci95']:+.4f}]; detects {delta['detectable']:.4f}")
 
 
 def _table(summary: dict) -> list[str]:
@@ -85,7 +86,9 @@ def markdown(summary: dict) -> str:
       "the same validation documents, so *Δ vs prenorm* (variant minus prenorm at the same "
       "seed) is the paired difference: its mean and, in brackets, the 95% confidence interval "
       "of that mean (Student's t over seeds; an interval that holds 0 does not tell the "
-      "variants apart). Gains: the largest over sub-layers, tokens and seeds at the last "
+      "variants apart), then the smallest true difference these seeds would detect with 80% "
+      "power at the 5% level, given the spread of the per-seed differences (noncentral t; "
+      "summary.json also holds the unpaired Welch interval as `welch_ci95`). Gains: the largest over sub-layers, tokens and seeds at the last "
       "diagnostics step (1 for doubly-stochastic H_res); peak: the largest at any diagnostics "
       "step of training. Skipped updates: updates dropped because their loss, gradient or "
       "new parameters were not finite (summed over seeds). Spikes: logged training losses above "

@@ -8,6 +8,8 @@ import math
 import numpy as np
 from scipy import stats
 
+from experiments.report import significance
+
 BASELINE = "prenorm"
 GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
 # A spike: a logged value above ratio x the median of the SPIKE_WINDOW logged values before it.
@@ -91,6 +93,17 @@ def paired_difference(deltas) -> dict:
   n = len(deltas)
   entry["ci95"] = (float(stats.t.ppf(0.975, n - 1) * entry["std"] / math.sqrt(n))
                    if n > 1 else math.nan)
+  if n > 1:  # the true difference these seeds detect with 80% power, at this spread
+    entry["detectable"] = significance.minimal_detectable_effect(entry["std"], n)
+  return entry
+
+
+def compared(ours: list[float], theirs: list[float]) -> dict:
+  """Final losses of two variants at the same seeds (in order): the paired difference, and
+  its unpaired (Welch) interval beside it (pairing helps only when seeds' losses correlate)."""
+  entry = paired_difference([a - b for a, b in zip(ours, theirs)])
+  if len(ours) > 1:
+    entry["welch_ci95"] = significance.welch_difference(ours, theirs)["ci"]
   return entry
 
 
@@ -115,7 +128,7 @@ def summarize(runs: list[Run], settings: dict) -> dict:
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
     # Same seed, same data order and validation set: the difference cancels what they share.
     entry["eval_loss_minus"] = {
-        other: paired_difference([final[variant][s] - final[other][s] for s in final[variant]])
+        other: compared(list(final[variant].values()), [final[other][s] for s in final[variant]])
         for other in groups if other != variant}
     if has_streams(group):
       # Worst case over seeds: a gain that explodes in one seed is what stability is about.

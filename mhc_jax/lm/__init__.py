@@ -6,6 +6,7 @@ The hyper-connection library itself is `mhc_jax`; this package is one model buil
 """
 
 from mhc_jax.lm.data import DataConfig
+from mhc_jax.lm.decode import generate
 from mhc_jax.lm.hf import load_hf_checkpoint
 from mhc_jax.lm.model import ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
@@ -15,4 +16,4 @@ from mhc_jax.lm.train_state import LoopConfig
 
 # `train` stays in `mhc_jax.lm.train`: exported here, the function would hide its module.
 __all__ = ["DataConfig", "LoopConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",
-           "Transformer", "load_hf_checkpoint", "retrofit"]
+           "Transformer", "generate", "load_hf_checkpoint", "retrofit"]

@@ -23,6 +23,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader
 from grain.sources import ArrayRecordDataSource
 
+from mhc_jax.checks import one_line
 from mhc_jax.lm import tokenizer
 
 METADATA = "metadata.json"
@@ -130,8 +131,9 @@ class TokenWindows:
         try:
           self._source[key]
         except RuntimeError as err:
-          raise ValueError(f"{self._where(key)} is damaged: {_first_line(err)}; prepare the "
-                           f"corpus again") from None
+          raise ValueError(f"{self._where(key)} is damaged: "
+                           f"{one_line(err, limit=300, with_type=False)}; prepare the corpus "
+                           f"again") from None
       raise
     records = []
     for key, data in zip(keys.tolist(), raw):
@@ -162,7 +164,8 @@ def _check_shard(path: pathlib.Path, shard: dict) -> None:
     count = reader.num_records()
     reader.close()
   except RuntimeError as err:
-    raise ValueError(f"shard {path} is damaged: {_first_line(err)}") from None
+    detail = one_line(err, limit=300, with_type=False)
+    raise ValueError(f"shard {path} is damaged: {detail}") from None
   if count != shard["records"]:
     raise ValueError(f"shard {path} holds {count} records, {METADATA} says "
                      f"{shard['records']}")
@@ -181,8 +184,3 @@ def _load_index(path: pathlib.Path, split: dict, num_tokens: int,
                      f"of {int(offsets[-1])} tokens, its shards hold {num_records} records of "
                      f"{num_tokens} tokens")
   return offsets
-
-
-def _first_line(err: Exception) -> str:
-  text = str(err).strip()
-  return text.splitlines()[0][:300] if text else type(err).__name__

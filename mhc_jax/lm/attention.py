@@ -8,6 +8,9 @@ All three take q `[batch, seq, heads, head_dim]` and k, v `[batch, seq, kv_heads
 with kv_heads dividing heads (grouped-query attention: query head i reads kv head
 i // (heads / kv_heads), the grouping all three kernels use), scale logits by 1/sqrt(head_dim),
 take the softmax in float32, and return `[batch, seq, heads, head_dim]` in q's dtype.
+
+`masked_attention` is the einsum of "xla" with a mask given instead of the causal one, and
+keys that may outnumber the queries: padded batches, and decoding against a KV cache.
 """
 
 import functools
@@ -62,7 +65,22 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation
   return _splash_attention(q, k, v, interpret)
 
 
-def _check_qkv(q, k, v):
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+  """Softmax attention of q `[batch, seq, heads, head_dim]` over k, v `[batch, keys,
+  kv_heads, head_dim]`, each query reading the keys `visible` `[batch, seq, keys]` (bool)
+  marks -> `[batch, seq, heads, head_dim]` in q's dtype; the einsums of "xla", any platform.
+
+  A query that sees no key gets NaN, which the next layer would spread through a zero weight
+  (0 * NaN): let every query see at least its own key."""
+  _check_qkv(q, k, v, same_seq=False)
+  expected = (q.shape[0], q.shape[1], k.shape[1])
+  if tuple(visible.shape) != expected or visible.dtype != jnp.bool_:
+    raise ValueError(f"attention visible must be bool {expected} (batch, seq, keys), got "
+                     f"{visible.dtype} {tuple(visible.shape)}")
+  return _xla_attention(q, k, v, visible)
+
+
+def _check_qkv(q, k, v, same_seq: bool = True):
   for name, x in (("q", q), ("k", k), ("v", v)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"attention {name} must be [batch, seq, heads, head_dim], got "
@@ -70,9 +88,10 @@ def _check_qkv(q, k, v):
   if k.shape != v.shape:
     raise ValueError(f"attention k and v must have one shape, got {k.shape} and {v.shape}")
   batch, seq, heads, head_dim = q.shape
-  if (k.shape[0], k.shape[1], k.shape[3]) != (batch, seq, head_dim):
-    raise ValueError(f"attention k and v must match q's batch, seq and head_dim, got q "
-                     f"{q.shape} and k {k.shape}")
+  if (k.shape[0], k.shape[3]) != (batch, head_dim) or same_seq and k.shape[1] != seq:
+    what = "batch, seq and head_dim" if same_seq else "batch and head_dim"
+    raise ValueError(f"attention k and v must match q's {what}, got q {q.shape} and k "
+                     f"{k.shape}")
   if heads % k.shape[2]:
     raise ValueError(f"attention kv heads ({k.shape[2]}) must divide q heads ({heads})")
   if not q.dtype == k.dtype == v.dtype or not jnp.issubdtype(q.dtype, jnp.floating):
@@ -104,15 +123,19 @@ def check_platform(implementation: str, dtype, seq_len: int, platform: str | Non
                        f"{SPLASH_SEQ_MULTIPLE} (the kernel's block size), got seq {seq_len}")
 
 
-def _xla_attention(q, k, v):
-  """The plain einsums; materialises `[batch, kv_heads, group, seq, seq]` float32 logits."""
+def _xla_attention(q, k, v, visible=None):
+  """The plain einsums; materialises `[batch, kv_heads, group, seq, keys]` float32 logits.
+  `visible` `[batch, seq, keys]`; None: causal, keys the queries themselves."""
   batch, seq, heads, head_dim = q.shape
   kv_heads = k.shape[2]
   grouped = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
   logits = jnp.einsum("bqngk,bsnk->bngqs", grouped, k, preferred_element_type=jnp.float32)
   logits = logits / math.sqrt(head_dim)
-  causal = jnp.tril(jnp.ones((seq, seq), bool))
-  probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1).astype(q.dtype)
+  if visible is None:
+    visible = jnp.tril(jnp.ones((seq, seq), bool))
+  else:
+    visible = visible[:, None, None]  # the same for every head
+  probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1).astype(q.dtype)
   out = jnp.einsum("bngqs,bsnk->bqngk", probs, v)
   return out.reshape(batch, seq, heads, head_dim)
 

@@ -19,6 +19,7 @@ are left as they were, and the same command resumes from the newest once there i
 import argparse
 import sys
 
+from mhc_jax.checks import one_line
 from mhc_jax.lm import checkpoint, distributed, presets, train as train_lib
 
 # The experiment of a run whose files name none. Without it the configs' defaults would train
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
                       init_from=args.init_from,
                       presets=f"mhc-train: {start_line(files, args.gin_file, configs)}")
   except ValueError as err:
-    print(f"mhc-train: {presets.one_line(err)}", file=sys.stderr)
+    print(f"mhc-train: {one_line(err)}", file=sys.stderr)
     return 2
   except train_lib.NonFiniteError as err:
     print(f"mhc-train: {err}", file=sys.stderr)

@@ -18,6 +18,9 @@ import sys
 
 import jax
 
+from mhc_jax.checks import one_line
+from mhc_jax.lm import checkpoint
+
 PEER_LOST = 3  # the exit code: distinct from bad input (2), so a job manager can just restart
 
 # How long the coordination service waits for a silent process before declaring it dead (and
@@ -84,16 +87,8 @@ def is_peer_lost(err: BaseException) -> bool:
   return False
 
 
-def latest_checkpoint(workdir: pathlib.Path) -> int | None:
-  """The latest complete checkpoint's step, from the folder names alone: orbax writes a step
-  under a temporary name and renames it once every process has written its part. (Orbax's
-  own listing would wait on the lost process.)"""
-  steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
-  return max(steps, default=None)
-
-
 def peer_lost_message(err: BaseException, step: int | None) -> str:
-  detail = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+  detail = one_line(err, limit=300, with_type=False)
   rerun = (f"rerun to resume from step {step}" if step is not None
            else "rerun to start again (no checkpoint yet)")
   return f"lost contact with another process ({detail}): exiting so the job can restart; {rerun}"
@@ -109,7 +104,8 @@ def exit_if_peer_lost(workdir, prog: str):
   except Exception as err:
     if jax.process_count() == 1 or not is_peer_lost(err):
       raise
-    step = latest_checkpoint(pathlib.Path(workdir).absolute())
+    # From the folder alone: a checkpoint manager would wait on the lost process.
+    step = checkpoint.latest_step(pathlib.Path(workdir).absolute())
     print(f"{prog}: {peer_lost_message(err, step)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(PEER_LOST)

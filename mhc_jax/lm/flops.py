@@ -5,9 +5,9 @@ remat and the implementation of attention do not change them, so MFU compares fa
 those settings and across residual variants.
 """
 
-import math
-
 from mhc_jax.lm.model import ModelConfig
+from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.streams import mixing_flops
 
 # Dense bfloat16 peak per device in TFLOP/s, from the vendors' data sheets. Keys are
 # prefixes of `jax.Device.device_kind`; the longest that matches wins, so "TPU v5 lite" (v5e)
@@ -39,18 +39,10 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 
 
 def _site_forward_flops(cfg: ModelConfig) -> float:
-  """Forward FLOPs per token of one hyper-connection site (n streams of width C)."""
-  n, c = cfg.num_streams, cfg.d_model
-  # H_res @ X, then H_pre @ X, then H_post^T F(.) added onto the mixed streams.
-  mixing = 2 * n * n * c + 2 * n * c + 2 * n * c
-  if cfg.residual == "hc":
-    # W_pre [C], W_post [C], W_res [C, n] act on each of the n streams: n uses per weight.
-    return mixing + (2 * n * c * (2 + n) if cfg.hc_dynamic else 0)
-  if cfg.residual == "mhc":
-    return mixing + 2 * n * c * (2 * n + n * n)  # phi [nC, 2n + n^2] on vec(X)
-  # mhc_lite: phi [nC, 2n + n!], then H_res as the weighted sum of n! permutation matrices.
-  perms = math.factorial(n)
-  return mixing + 2 * n * c * (2 * n + perms) + 2 * perms * n * n
+  """Forward FLOPs per token of one hyper-connection site (n streams of width C): the
+  mixing, and the coefficients' matmuls as the variant's site config counts them."""
+  site = RESIDUALS[cfg.residual].site_config(cfg, 0)
+  return mixing_flops(site.num_streams, site.dim) + site.coefficient_flops()
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -65,9 +57,11 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
       12 L H Q T attention logits and context over all T positions (L layers, H heads of
                  width Q), causal masking not discounted, as PaLM counts it
       streams    per site (2 per layer), 3x its forward: H_res @ X (2 n^2 C), H_pre @ X and
-                 H_post^T F (2 n C each); and the coefficients' matmuls: mHC's phi
-                 (2 nC (2n + n^2), mHC-lite's 2 nC (2n + n!) + 2 n! n^2 for the mixture of
-                 permutations), dynamic HC's W_pre, W_post, W_res on each of the n streams
+                 H_post^T F (2 n C each); and the coefficients' matmuls as the site's config
+                 counts them (`coefficient_flops`): mHC's phi 2 nC (2n + R) with R res
+                 logits, plus its mapping's own (mHC-lite's mixture of n! permutations
+                 2 n! n^2, orthostochastic's Newton-Schulz steps; Sinkhorn and KromHC's
+                 are elementwise), dynamic HC's W_pre, W_post, W_res on each of the n streams
                  (2 n C (2 + n)); static HC has none
 
   Left out, as elementwise work: norms, softmax, RoPE, activations, Sinkhorn iterations,

@@ -17,7 +17,6 @@ import operator
 import os
 import pathlib
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -25,6 +24,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from tensorboardX import SummaryWriter
+
+from mhc_jax.lm.files import write_atomically
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -121,26 +122,7 @@ def _keep_complete_lines(path: pathlib.Path, resume_step: int | None) -> None:
     lines = [line for line in lines if _parse_line(line)["step"] <= resume_step]
   kept = b"".join(line + b"\n" for line in lines)
   if kept != data:
-    _replace_atomically(path, kept)
-
-
-def _replace_atomically(path: pathlib.Path, data: bytes) -> None:
-  # A kill part way through leaves either the old file or the new one, never a mix.
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  dir_fd = os.open(path.parent, os.O_RDONLY)  # makes the rename itself survive a crash
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
+    write_atomically(path, kept)
 
 
 # -- Progress bar ----------------------------------------------------------------------------

@@ -9,6 +9,10 @@ optional per-head q/k RMSNorm as in Qwen3), SwiGLU MLP, RMSNorm, optional tied e
     hc        streams = HC(streams, x -> F(norm(x)))     dynamic, or static with hc_dynamic=False
     mhc       streams = mHC(streams, x -> F(norm(x)))
     mhc_lite  mHC with H_res a mixture of permutation matrices
+    kromhc    mHC with H_res a Kronecker product of 2x2 doubly-stochastic factors
+    mhc_ortho mHC with H_res orthostochastic (Newton-Schulz; `mhc_jax.res_mappings`)
+
+(the table in `residuals.py`, which says everything else each variant needs).
 
 With streams, the embedding is copied into `num_streams` streams and summed back before the
 final norm (or averaged, `stream_reduction="mean"`, as a retrofitted model does: see
@@ -20,6 +24,10 @@ run in `dtype`; the hyper-connection coefficient path stays float32 whatever `dt
 Depth: with `scan_layers` (the default) the blocks' parameters are stacked on a leading
 `layers` axis and the stack runs under `nnx.scan`, so the program (and its compile time)
 does not grow with depth; `remat` picks what the backward recomputes (see `REMAT_POLICIES`).
+
+Decoding: the model takes explicit positions and a padding mask, and `Transformer.extend`
+runs tokens after those a `KVCache` holds (a prefill, then one token at a time); `decode.py`
+builds `generate` on it. Called with tokens alone, the model runs what training runs.
 """
 
 import dataclasses
@@ -34,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from mhc_jax.checks import check_int
 from mhc_jax.lm.attention import (ATTENTION_IMPLEMENTATIONS, SPLASH_SEQ_MULTIPLE, causal_attention,
-                               default_attention)
+                               default_attention, masked_attention)
 from mhc_jax.mappings import check_streams
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.sharding import BATCH_AXES
@@ -172,12 +180,15 @@ def _attention(q, k, v, implementation: str) -> jax.Array:
                        check_vma=False)(q, k, v)
 
 
-def rope(x: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding on `[batch, seq, heads, head_dim]` (rotate-half form)."""
+def rope(x: jax.Array, base: float, positions: jax.Array | None = None) -> jax.Array:
+  """Rotary position embedding on `[batch, seq, heads, head_dim]` (rotate-half form), at
+  `positions` `[batch, seq]` (int), or 0..seq-1 in every row."""
   seq, half = x.shape[1], x.shape[-1] // 2
   freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs  # [seq, half]
-  cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  if positions is None:  # one table for every row
+    positions = jnp.arange(seq, dtype=jnp.float32)
+  angles = positions.astype(jnp.float32)[..., None] * freqs  # [(batch,) seq, half]
+  cos, sin = (f(angles).reshape(-1, seq, 1, half) for f in (jnp.cos, jnp.sin))
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
@@ -196,16 +207,37 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, (h, k, d), cfg.init_std / math.sqrt(2 * cfg.num_layers),
                      ("heads", "head_dim", "embed"))
 
-  def __call__(self, x):  # [batch, seq, d_model]
+  def __call__(self, x, layout: "TokenLayout | None" = None):  # [batch, seq, d_model]
+    """Causal self-attention over `x`, or with `layout`, at its positions over the tokens
+    its `visible` marks."""
+    q, k, v = self._qkv(x, None if layout is None else layout.positions)
+    if layout is None:
+      out = _attention(q, k, v, self.cfg.attention_for(x.shape[1]))
+    else:
+      out = masked_attention(q, k, v, layout.visible)
+    return self._project_out(out)
+
+  def extend(self, x, layout: "TokenLayout", keys: jax.Array, values: jax.Array):
+    """Attention of `x`'s tokens over this layer's cache, `keys` and `values` `[batch, slots,
+    kv_heads, head_dim]`, once their own keys and values are written to slots `layout.start`
+    on -> (output, (their keys, their values))."""
+    q, k, v = self._qkv(x, layout.positions)
+    at = (0, layout.start, 0, 0)
+    keys, values = (jax.lax.dynamic_update_slice(cache, new, at)
+                    for cache, new in ((keys, k), (values, v)))
+    return self._project_out(masked_attention(q, keys, values, layout.visible)), (k, v)
+
+  def _qkv(self, x, positions):
     dtype = x.dtype
     q, k, v = (checkpoint_name(jnp.einsum("bld,dhk->blhk", x, w[...].astype(dtype)), name)
                for w, name in ((self.wq, "query"), (self.wk, "key"), (self.wv, "value")))
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q, k = rope(q, self.cfg.rope_base), rope(k, self.cfg.rope_base)
-    out = _attention(q, k, v, self.cfg.attention_for(x.shape[1]))
+    return rope(q, self.cfg.rope_base, positions), rope(k, self.cfg.rope_base, positions), v
+
+  def _project_out(self, out):
     out = checkpoint_name(out, "attention_context")
-    return checkpoint_name(jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(dtype)),
+    return checkpoint_name(jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(out.dtype)),
                            "attention_out")
 
 
@@ -234,13 +266,36 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.mlp = SwiGLU(cfg, rngs)
     # Sub-layers are counted separately (2 per block), as in both papers.
-    make_site = RESIDUALS[cfg.residual].make_site
-    self.attn_site, self.mlp_site = (make_site(cfg, 2 * layer + i, rngs) if make_site else None
+    residual = RESIDUALS[cfg.residual]
+    self.attn_site, self.mlp_site = (residual.make_site(cfg, 2 * layer + i, rngs)
+                                     if residual.uses_streams else None
                                      for i in range(len(SITES)))
 
-  def __call__(self, h):  # [batch, seq, d_model] or streams [batch, seq, n, d_model]
+  def __call__(self, h, layout: "TokenLayout | None" = None):
+    """`h` `[batch, seq, d_model]`, or streams `[batch, seq, n, d_model]`; `layout`: see
+    `Attention`."""
+    return self._sublayers(h, lambda x: self.attn(x, layout))
+
+  def extend(self, h, layout: "TokenLayout", keys: jax.Array, values: jax.Array):
+    """`__call__` reading this layer's cache (see `Attention.extend`) -> (h, the tokens' own
+    keys and values).
+
+    The hyper-connection streams (every variant with a site) need no cache of their own: a
+    site's coefficients (H_pre, H_post, H_res) come from each token's own streams alone (the
+    coefficient path looks at one token at a time), so the tokens before reach a new one only
+    through attention, whose keys and values the cache holds."""
+    written = []
+
+    def attention(x):  # the join calls it once, in this trace
+      out, new = self.attn.extend(x, layout, keys, values)
+      written.append(new)
+      return out
+
+    return self._sublayers(h, attention), written[0]
+
+  def _sublayers(self, h, attention):
     join = RESIDUALS[self.residual].join
-    h = join(h, self.attn_site, self.attn_norm, self.attn)
+    h = join(h, self.attn_site, self.attn_norm, attention)
     return join(h, self.mlp_site, self.mlp_norm, self.mlp)
 
 
@@ -269,8 +324,68 @@ def mean_streams(streams: jax.Array) -> jax.Array:
   return jnp.mean(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
 
 
-def _run_block(block: Block, h: jax.Array) -> jax.Array:
-  return block(h)
+def _run_block(block: Block, h: jax.Array, layout: "TokenLayout | None") -> jax.Array:
+  return block(h, layout)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenLayout:
+  """Where one call's tokens sit: `positions` `[batch, seq]` int, RoPE's; `visible` `[batch,
+  seq, keys]` bool, the keys each token attends to (its sequence's, or a cache's slots);
+  `start`: () int, the cache slot of the first token (`Transformer.extend` only)."""
+
+  positions: jax.Array
+  visible: jax.Array
+  start: jax.Array | int = 0
+
+
+def visible_keys(valid: jax.Array, start, seq: int) -> jax.Array:
+  """Keys `valid` `[batch, keys]` (False: padding, or a slot not written yet) and queries at
+  keys `start`..`start + seq - 1` -> `[batch, seq, keys]`: each query sees the valid keys up
+  to its own, and always its own, so a padded query attends to itself rather than to nothing
+  (see `masked_attention`)."""
+  keys = jnp.arange(valid.shape[1])
+  own = start + jnp.arange(seq)[:, None]  # [seq, 1]
+  return valid[:, None, :] & (keys <= own) | (keys == own)
+
+
+# The cache split as the activations are: batch over data x fsdp, kv heads over tensor.
+_KV_SPEC = P(None, BATCH_AXES, None, "tensor", None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Every layer's keys and values (after RoPE), `[num_layers, batch, slots, kv_heads,
+  head_dim]` in the activations' dtype; `valid` `[batch, slots]`: the slots holding a real
+  token (written, and not padding); `length` (): the slots written so far, the next write's
+  first. Every row writes the same slots (prompts are left-padded): rows differ only in their
+  tokens' positions and in which slots are padding."""
+
+  keys: jax.Array
+  values: jax.Array
+  valid: jax.Array
+  length: jax.Array
+
+  @property
+  def slots(self) -> int:
+    return self.keys.shape[2]
+
+  @classmethod
+  def empty(cls, cfg: "ModelConfig", batch: int, slots: int) -> "KVCache":
+    zeros = jnp.zeros((cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim),
+                      DTYPES[cfg.dtype])
+    return cls(zeros, zeros, jnp.zeros((batch, slots), bool),
+               jnp.zeros((), jnp.int32)).sharded()
+
+  def sharded(self) -> "KVCache":
+    """Constrained to the activations' layout when a mesh is set (`jax.set_mesh`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return self
+    specs = KVCache(_KV_SPEC, _KV_SPEC, P(BATCH_AXES, None), P())
+    return jax.lax.with_sharding_constraint(self, specs)
 
 
 class Transformer(nnx.Module):
@@ -299,20 +414,74 @@ class Transformer(nnx.Module):
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), embed_std, ("embed", "vocab"))
 
-  def _blocks(self, h: jax.Array) -> jax.Array:
+  def _blocks(self, h: jax.Array, layout: TokenLayout | None) -> jax.Array:
     cfg = self.cfg
     run = _run_block
     if cfg.remat != "none":
       # Under scan, CSE cannot merge the recomputation into the forward: no barrier needed.
       run = nnx.remat(run, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      return nnx.scan(lambda h, block: run(block, h), in_axes=(nnx.Carry, 0),
+      return nnx.scan(lambda h, block: run(block, h, layout), in_axes=(nnx.Carry, 0),
                       out_axes=nnx.Carry)(h, self.blocks)
     for block in self.blocks:
-      h = run(block, h)
+      h = run(block, h, layout)
     return h
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def _extend_blocks(self, h, layout: TokenLayout, keys: jax.Array, values: jax.Array):
+    """The blocks reading the cache's `keys`, `values` -> (h, every layer's keys and values
+    of the new tokens, `[num_layers, batch, seq, kv_heads, head_dim]` each)."""
+    if self.cfg.scan_layers:
+      return nnx.scan(lambda h, block, k, v: block.extend(h, layout, k, v),
+                      in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+                          h, self.blocks, keys, values)
+    written = []
+    for block, k, v in zip(self.blocks, keys, values):
+      h, new = block.extend(h, layout, k, v)
+      written.append(new)
+    return h, jax.tree.map(lambda *layers: jnp.stack(layers), *written)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """`tokens` `[batch, seq]` -> logits `[batch, seq, vocab]`. `positions` `[batch, seq]` int:
+    each token's, for RoPE (default 0..seq-1 in every row). `mask` `[batch, seq]` bool: False
+    at padding (default: none), which no token attends to, so the real tokens' logits do not
+    depend on it (the padding's own logits mean nothing)."""
+    if positions is None and mask is None:  # what training runs
+      return self._read_out(self._blocks(self._embed(tokens), None))
+    batch, seq = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+    if mask is None:
+      mask = jnp.ones((batch, seq), bool)
+    layout = TokenLayout(positions, visible_keys(mask, 0, seq))
+    return self._read_out(self._blocks(self._embed(tokens), layout))
+
+  def extend(self, cache: KVCache, tokens: jax.Array, positions: jax.Array,
+             mask: jax.Array | None = None, *, last_only: bool = False):
+    """`tokens` `[batch, seq]` at `positions` (`mask`: see `__call__`) after those `cache`
+    holds: their keys and values go to its next `seq` slots, and each token attends to the
+    valid slots up to its own -> (logits `[batch, seq, vocab]`, or `[batch, 1, vocab]` of the
+    last token with `last_only`; the cache holding them too).
+
+    A prefill is one call on `KVCache.empty` with the whole left-padded prompt; a decode step,
+    one call with a token per row. Keep `cache.length + seq` within `cache.slots`: under jit a
+    write past the end cannot be refused here, and would be clamped."""
+    batch, seq = tokens.shape
+    if seq > cache.slots:
+      raise ValueError(f"extend got {seq} tokens for a cache of {cache.slots} slots")
+    if mask is None:
+      mask = jnp.ones((batch, seq), bool)
+    start = cache.length
+    valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, start))
+    layout = TokenLayout(positions, visible_keys(valid, start, seq), start)
+    h, (keys, values) = self._extend_blocks(self._embed(tokens), layout, cache.keys,
+                                            cache.values)
+    at = (0, 0, start, 0, 0)
+    cache = KVCache(jax.lax.dynamic_update_slice(cache.keys, keys, at),
+                    jax.lax.dynamic_update_slice(cache.values, values, at), valid, start + seq)
+    return self._read_out(h[:, -1:] if last_only else h), cache.sharded()
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
     cfg = self.cfg
     dtype = DTYPES[cfg.dtype]
     h = jnp.take(self.embed[...], tokens, axis=0)
@@ -322,7 +491,11 @@ class Transformer(nnx.Module):
     h = h.astype(dtype)
     if cfg.uses_streams:
       h = expand_streams(h, cfg.num_streams)
-    h = self._blocks(h)
+    return h
+
+  def _read_out(self, h: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    dtype = DTYPES[cfg.dtype]
     if cfg.uses_streams:
       check_streams(h, cfg.num_streams, cfg.d_model)
       h = reduce_streams(h) if cfg.stream_reduction == "sum" else mean_streams(h)

@@ -48,18 +48,19 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
 
 def decay_mask(state):
   """`nnx.State` of the model's Variables -> pure dict, True for weight matrices; False for
-  vectors and scalars (norm scales, biases, gates, alpha) and for HC's static parameters,
-  which the HC paper exempts. A scanned stack's leading `layers` axis does not count: a
-  stack of norm scales is still a vector per layer."""
+  vectors and scalars (norm scales, biases, gates, alpha) and for Variables tagged
+  `weight_decay=False` (a hyper-connection method's own exemptions, e.g. HC's static maps:
+  see `mhc_jax.mappings`). A scanned stack's leading `layers` axis does not count: a stack
+  of norm scales is still a vector per layer."""
 
-  def decays(path, variable):
-    axes = variable.get_metadata().get("logical_axes") or ()
+  def decays(variable):
+    metadata = variable.get_metadata()
+    axes = metadata.get("logical_axes") or ()
     rank = variable.ndim - (axes[:1] == (LAYERS_AXIS,))
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    return rank >= 2 and "static_" not in name
+    return rank >= 2 and metadata.get("weight_decay", True)
 
-  return nnx.to_pure_dict(jax.tree_util.tree_map_with_path(
-      decays, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return nnx.to_pure_dict(jax.tree.map(decays, state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int,

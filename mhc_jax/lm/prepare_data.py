@@ -42,8 +42,10 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mhc_jax.checks import one_line
 from mhc_jax.lm import arrayrecord, tokenizer
 from mhc_jax.lm.data import corpus_root, split_key, split_threshold
+from mhc_jax.lm.files import write_atomically
 
 KINDS = (".txt", ".jsonl", ".parquet")
 MARKER = ".preparing"
@@ -349,12 +351,6 @@ def _remove_ours(out: pathlib.Path):
       path.unlink()
 
 
-def _write_atomic(path: pathlib.Path, data: bytes):
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_bytes(data)
-  tmp.replace(path)
-
-
 # Preparation.
 
 
@@ -456,14 +452,14 @@ def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int,
   if tok.kind == tokenizer.BYTES:
     tokenizer_meta = {"kind": tokenizer.BYTES}
   else:
-    _write_atomic(out / "tokenizer.json", tok.path.read_bytes())
+    write_atomically(out / "tokenizer.json", tok.path.read_bytes())
     tokenizer_meta = {"kind": tokenizer.HUGGINGFACE, "file": "tokenizer.json",
                       "sha256": recipe["tokenizer"], "eos_token": tok.eos_token}
   metadata = {"format": arrayrecord.FORMAT, "tokenizer": tokenizer_meta,
               "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
               "dtype": dtype_name(tok.vocab_size), "byte_order": "little",
               "record_tokens": record_tokens, "splits": splits, "recipe": recipe}
-  _write_atomic(out / arrayrecord.METADATA, json.dumps(metadata, indent=1).encode())
+  write_atomically(out / arrayrecord.METADATA, json.dumps(metadata, indent=1).encode())
   (out / MARKER).unlink()
   return metadata
 
@@ -494,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               args.text_field, args.validation_fraction, args.seed,
                               args.workers, args.record_tokens, progress=sys.stderr.isatty())
   except (ValueError, OSError) as err:
-    print(f"mhc-prepare-data: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+    print(f"mhc-prepare-data: {one_line(err, with_type=False)}", file=sys.stderr)
     return 2
   splits = metadata["splits"]
   summary = ", ".join(f"{split} {splits[split]['documents']:,} documents / "

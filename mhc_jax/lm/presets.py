@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import gin
 
+from mhc_jax.checks import one_line
 from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
@@ -153,11 +154,6 @@ def _gin_scope() -> Iterator[None]:
   finally:
     root.removeFilter(hide)
     gin.clear_config()
-
-
-def one_line(err: BaseException) -> str:
-  text = str(err).strip().splitlines()
-  return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _quote_hint(err: BaseException, item: str) -> str | None:

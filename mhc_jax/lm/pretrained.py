@@ -7,7 +7,7 @@ parameters of its latest complete checkpoint; its optimizer state is not taken).
 line names the first binding to set (and the others). The residual then decides:
 
     DIR's own residual (and num_streams):  DIR's weights as they are
-    hc / mhc / mhc_lite from prenorm:      retrofitted (`retrofitting.py`), same logits, over
+    a stream variant from prenorm:         retrofitted (`retrofitting.py`), same logits, over
                                            the run's num_streams, averaged at the end
                                            (stream_reduction "mean", as `retrofit_config` has)
 
@@ -24,6 +24,7 @@ from flax import nnx
 from mhc_jax.lm import checkpoint
 from mhc_jax.lm.hf import config_from_hf, load_hf_checkpoint, read_json
 from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params, outer_params
+from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS, retrofit_config, with_sites
 
 HUGGINGFACE, WORKDIR = "huggingface", "workdir"
@@ -35,9 +36,9 @@ FUNCTION_FIELDS = {
     "num_heads": "num_heads", "num_kv_heads": "kv_heads", "head_dim_override": "head_dim",
     "mlp_dim": "mlp_dim", "qk_norm": "qk_norm", "embed_scale": "embed_scale",
     "tie_embeddings": "tie_embeddings", "rope_base": "rope_base", "norm_eps": "norm_eps"}
-# What a stream model adds to them, when it continues as the same variant.
-STREAM_FIELDS = {"num_streams": "num_streams", "hc_dynamic": "hc_dynamic",
-                 "stream_reduction": "stream_reduction"}
+# What every stream model adds to them, when it continues as the same variant; its own site
+# fields come from its entry in `RESIDUALS` (`function_fields`).
+STREAM_FIELDS = {"stream_reduction": "stream_reduction"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,10 +119,10 @@ def check_config(model: ModelConfig, source: Source) -> bool:
 def function_fields(config: ModelConfig) -> dict[str, str]:
   """The fields that fix the function of a model of `config`'s residual variant, each with
   the attribute that holds its value in force."""
-  fields = FUNCTION_FIELDS | (STREAM_FIELDS if config.uses_streams else {})
-  if config.residual == "mhc":  # the only variant Sinkhorn's iterations belong to
-    fields |= {"sinkhorn_iters": "sinkhorn_iters"}
-  return fields
+  if not config.uses_streams:
+    return FUNCTION_FIELDS
+  own = {field: field for field in RESIDUALS[config.residual].function_fields}
+  return FUNCTION_FIELDS | STREAM_FIELDS | own
 
 
 def difference(have: ModelConfig, model: ModelConfig) -> tuple[str, str] | None:

@@ -51,15 +51,14 @@ are 1 to an ulp, not exactly.
 
 import dataclasses
 
-import numpy as np
 from flax import nnx
 
 from mhc_jax.lm.model import (SITES, ModelConfig, Transformer, from_params, layer_params,
                               outer_params)
 from mhc_jax.lm.residuals import RESIDUALS
-from mhc_jax.mappings import HCConfig, MHCConfig
 
-RETROFIT_RESIDUALS = ("hc", "mhc", "mhc_lite")
+# Every stream variant: each site config knows its pass-through start (`passthrough_params`).
+RETROFIT_RESIDUALS = tuple(name for name, entry in RESIDUALS.items() if entry.uses_streams)
 
 
 def retrofit_config(cfg: ModelConfig, residual: str, num_streams: int) -> ModelConfig:
@@ -76,50 +75,25 @@ def retrofit_config(cfg: ModelConfig, residual: str, num_streams: int) -> ModelC
                              stream_reduction="mean")
 
 
-def pre_weights(num_streams: int, layer_index: int) -> np.ndarray:
-  """`[n]` aggregation weights summing to 1: `2/(n+1)` at stream `layer_index mod n`,
-  `1/(n+1)` elsewhere (unequal, to break the symmetry between streams)."""
-  weights = np.full((num_streams,), 1.0 / (num_streams + 1))
-  weights[layer_index % num_streams] = 2.0 / (num_streams + 1)
-  return weights
-
-
-def identity_site_params(config, params: dict) -> dict:
-  """A site's freshly initialised `params` -> ones with which equal streams pass through the
-  site as a pre-norm residual would (see the module docstring); float32 arrays."""
-  if isinstance(config, HCConfig):
-    return params  # the paper's start already is one: one-hot A_m, B = 1, A_r = I, W = 0
-  if not isinstance(config, MHCConfig):
-    raise ValueError(f"retrofit knows HC and mHC sites, got {type(config).__name__}")
-  n = config.num_streams
-  target = pre_weights(n, config.layer_index) - config.pre_eps  # H_pre = sigmoid + pre_eps
-  bias = np.array(params["bias"], np.float32)
-  bias[:n] = np.log(target / (1.0 - target))  # in float64, then rounded once
-  bias[n:2 * n] = 0.0  # H_post = 2 sigmoid(0) = 1
-  alpha = np.array(params["alpha"], np.float32)
-  alpha[:2] = 0.0  # static H_pre and H_post; H_res's dynamic part keeps rows summing to 1
-  return {**params, "alpha": alpha, "bias": bias}
-
-
 def with_sites(cfg: ModelConfig, layers: list[dict], rngs: nnx.Rngs) -> list[dict]:
   """Pre-norm blocks' parameters (`layer_params`) -> the same blocks with the sites of `cfg`
   (a `retrofit_config`), started so that equal streams pass through as a pre-norm residual
-  (`identity_site_params`). `rngs` draws the sites' random parameters (mHC's `phi`)."""
-  make_site = RESIDUALS[cfg.residual].make_site
+  (the site config's `passthrough_params`). `rngs` draws the sites' random parameters
+  (mHC's `phi`)."""
+  residual = RESIDUALS[cfg.residual]
   widened = []
   for layer, block in enumerate(layers):
     sites = {}
     for i, name in enumerate(SITES):
-      site = make_site(cfg, 2 * layer + i, rngs)
-      sites[name] = identity_site_params(site.config,
-                                         nnx.to_pure_dict(nnx.state(site, nnx.Param)))
+      site = residual.make_site(cfg, 2 * layer + i, rngs)
+      sites[name] = site.config.passthrough_params(nnx.to_pure_dict(nnx.state(site, nnx.Param)))
     widened.append({**block, **sites})
   return widened
 
 
 def retrofit(model: Transformer, residual: str, *, num_streams: int = 4,
              rngs: nnx.Rngs | None = None) -> Transformer:
-  """A pre-norm `model` -> a new `Transformer` with `residual` ("hc", "mhc" or "mhc_lite")
+  """A pre-norm `model` -> a new `Transformer` with `residual` (any of `RETROFIT_RESIDUALS`)
   over `num_streams` streams, the same block, embedding and norm weights, and sites that
   start so the logits `[batch, seq, vocab]` are the pre-norm model's. `rngs` draws the
   sites' random parameters (mHC's `phi`; default `nnx.Rngs(0)`). Either layer layout."""

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from mhc_jax.checks import one_line
+
 EOS = 256
 PAD = 257
 VOCAB_SIZE = 258
@@ -61,8 +63,8 @@ class HuggingFaceTokenizer:
     try:
       self._tokenizer = tokenizers.Tokenizer.from_file(str(self.path))
     except Exception as err:  # tokenizers raises bare Exceptions for unreadable files
-      first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-      raise ValueError(f"tokenizer {self.path} does not load: {first}") from None
+      raise ValueError(f"tokenizer {self.path} does not load: "
+                       f"{one_line(err, limit=200, with_type=False)}") from None
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     self.eos_token = eos_token if eos_token is not None else self._default_eos()
     eos_id = self._tokenizer.token_to_id(self.eos_token)

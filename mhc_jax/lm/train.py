@@ -27,6 +27,7 @@ from flax import nnx
 from mhc_jax.lm import checkpoint, pretrained
 from mhc_jax.lm.attention import check_platform
 from mhc_jax.lm.data import Corpus, DataConfig
+from mhc_jax.lm.files import write_atomically
 from mhc_jax.lm.flops import model_flops_per_token, peak_flops_per_device, throughput
 from mhc_jax.lm.metrics import MetricsWriter, ProgressBar
 from mhc_jax.lm.model import DTYPES, ModelConfig
@@ -148,14 +149,12 @@ def train(workdir: str,
   else:
     state = trainer.init_state()
   # Only now: a finished run whose config no longer fits its checkpoint, or whose checkpoint
-  # is damaged, must still say so rather than report success. Finished means the marker and
-  # a checkpoint of the last step: with that checkpoint removed, the run redoes the step.
-  done = _finished_step(workdir)
-  if done is not None and done >= loop.steps and start >= loop.steps:
+  # is damaged, must still say so rather than report success.
+  if is_finished(workdir, loop.steps):
     manager.close()
     if lead:
-      print(f"mhc-train: {workdir} is finished ({done} steps); nothing to do",
-            file=sys.stderr, flush=True)
+      print(f"mhc-train: {workdir} is finished ({_finished_step(workdir)} steps); nothing to "
+            "do", file=sys.stderr, flush=True)
     return []
   if lead:
     _record_schedule(workdir, optimizer, loop, resuming=bool(start))
@@ -165,11 +164,11 @@ def train(workdir: str,
           "eval_loss is not computed", file=sys.stderr, flush=True)
   if lead:
     configs = dict(model=model, data=data, optimizer=optimizer, mesh=mesh, loop=loop)
-    _write_whole(workdir / CONFIG, json.dumps(
+    write_atomically(workdir / CONFIG, json.dumps(
         {**{name: dataclasses.asdict(config) for name, config in configs.items()},
          "init_from": started_from}, indent=2))
     if record is not None:
-      _write_whole(workdir / "config.gin", record)
+      write_atomically(workdir / "config.gin", record)
     if presets is not None:
       print(presets, flush=True)
     print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
@@ -237,8 +236,8 @@ def train(workdir: str,
             flush=True)
     return history
   if lead:
-    if last == loop.steps and history:  # the marker sweeps and reports use to skip runs
-      (workdir / FINISHED).write_text(json.dumps(history[-1]))
+    if last == loop.steps:  # the marker `is_finished` reads, also when resumed at the end
+      write_atomically(workdir / FINISHED, json.dumps(history[-1] if history else {"step": start}))
     if loop.sample_tokens and last == loop.steps:
       model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
       text = sample_text(model_, loop.sample_prompt, num_tokens=loop.sample_tokens,
@@ -292,6 +291,14 @@ def _resumed_start(workdir: pathlib.Path, recorded: dict, init_from: str | None)
   return started
 
 
+def is_finished(workdir: pathlib.Path, steps: int) -> bool:
+  """Whether the run in `workdir` has trained `steps` steps: its `finished.json` says so and a
+  checkpoint of that step is there (without it, the run redoes its last steps). What sweeps
+  and comparisons reuse; one line when finished.json is damaged."""
+  done = _finished_step(workdir)
+  return done is not None and done >= steps and (checkpoint.latest_step(workdir) or 0) >= steps
+
+
 def _finished_step(workdir: pathlib.Path) -> int | None:
   """The step `finished.json` records, or None while the run has not finished."""
   path = workdir / FINISHED
@@ -320,11 +327,4 @@ def _record_schedule(workdir: pathlib.Path, optimizer: OptimizerConfig, loop: Lo
     if changed:
       print(f"mhc-train: warning: the learning-rate schedule changes on resume "
             f"({', '.join(changed)})", file=sys.stderr, flush=True)
-  _write_whole(path, json.dumps(now))
-
-
-def _write_whole(path: pathlib.Path, text: str) -> None:
-  """Whole or not at all: a half-written record would stop every later resume."""
-  tmp = path.with_suffix(f".{os.getpid()}.tmp")
-  tmp.write_text(text)
-  tmp.replace(path)
+  write_atomically(path, json.dumps(now))
