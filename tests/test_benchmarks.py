@@ -1,6 +1,6 @@
 """The benchmark scripts run (tiny sizes): they must not rot between measurements."""
 
-from experiments import bench_site_memory, bench_train_step
+from experiments import bench_decode, bench_site_memory, bench_train_step
 from experiments.bench_progress import RowProgress
 from kernels_pallas.sinkhorn import bench
 
@@ -83,3 +83,13 @@ def test_row_progress_estimates_the_total_after_the_first_row_then_the_time_left
       "[2/4] hc took 1m30s; about 2m30s left",  # 75 s a row so far
       "[3/4] mhc took 30s; about 1m00s left",
       "[4/4] mhc_lite took 2m00s; all done in 5m00s"]
+
+
+def test_decode_benchmark_compares_the_cache_with_recomputation_on_the_same_tokens(capsys):
+  bench_decode.main(["--variants", "prenorm,hc", "--batch", "2", "--prompt", "5", "--new", "4",
+                     "--d_model", "64", "--layers", "1", "--repeats", "1"])
+  rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+          for line in capsys.readouterr().out.splitlines() if line.startswith(("| prenorm", "| hc"))]
+  assert [row[0] for row in rows] == ["prenorm", "hc"]
+  assert all(row[4] == "yes" for row in rows)  # greedy with the cache = the recomputation
+  assert rows[0][6] == "1.00x"
