@@ -6,7 +6,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mhc_jax.lm.metrics import _format_duration as format_duration
+from mhc_jax.lm.metrics import format_duration
 
 
 class RowProgress:

@@ -205,5 +205,5 @@ def test_format_value(value, text):
     (0.4, "0s"), (59.4, "59s"), (192, "3m12s"), (3599, "59m59s"), (3600, "1h00m"),
     (97500, "27h05m"),
 ])
-def test_format_duration(seconds, text):
-  assert metrics._format_duration(seconds) == text
+def testformat_duration(seconds, text):
+  assert metrics.format_duration(seconds) == text

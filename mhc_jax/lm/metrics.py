@@ -209,7 +209,7 @@ class ProgressBar:
     done, elapsed = step - start_step, now - start_time
     if done <= 0 or elapsed <= 0:
       return "--"
-    return _format_duration(max(self._total - step, 0) * elapsed / done)
+    return format_duration(max(self._total - step, 0) * elapsed / done)
 
 
 def _format_value(value: Any) -> str:
@@ -222,7 +222,7 @@ def _format_value(value: Any) -> str:
   return f"{value:.4g}"
 
 
-def _format_duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
   """`45s`, `3m12s`, `27h05m`."""
   seconds = round(seconds)
   if seconds < 60:
