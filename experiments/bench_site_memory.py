@@ -50,6 +50,9 @@ mHC site with the linear branch: its bytes saved for the backward and the median
 jitted forward+backward over `--repeats` runs, both against the Sinkhorn site. The
 orthostochastic mapping is listed with its two Newton-Schulz schedules, and once with plain
 autodiff through its iterations instead of the library's recomputation from the logits.
+Frac-connection sites follow (`num_fracs`, `FRAC_ROWS`): the same `N = --n` units mixed, as
+one stream of `--n` fractions (the paper's) or two streams of `--n / 2`, so their streams
+are the first 1 or 2 of the `--n` (their bytes in the same stream arrays, of `--n` streams).
 """
 
 import argparse
@@ -87,15 +90,22 @@ def _plain_mixing_dtype(streams):
   return jnp.promote_types(streams.dtype, jnp.float32)
 
 
-def plain_aggregate(streams, h_pre):
-  """`streams.aggregate` before its custom VJP, verbatim."""
+def _one_fraction(num_fracs: int) -> None:
+  if num_fracs != 1:
+    raise ValueError(f"the plain formulas have one fraction, got num_fracs={num_fracs}")
+
+
+def plain_aggregate(streams, h_pre, num_fracs=1):
+  """`streams.aggregate` before its custom VJP, verbatim (one fraction)."""
+  _one_fraction(num_fracs)
   out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(_plain_mixing_dtype(streams)),
                    precision=_HIGHEST)
   return out.astype(streams.dtype)
 
 
-def plain_merge(streams, branch_output, coefficients):
-  """`streams.merge` before its custom VJP, verbatim."""
+def plain_merge(streams, branch_output, coefficients, num_fracs=1):
+  """`streams.merge` before its custom VJP, verbatim (one fraction)."""
+  _one_fraction(num_fracs)
   dtype = _plain_mixing_dtype(streams)
   mixed = jnp.einsum("...kj,...jc->...kc", coefficients.h_res, streams.astype(dtype),
                      precision=_HIGHEST)
@@ -211,6 +221,20 @@ RES_ROWS = {
         {"res_mapping": "orthostochastic", "orthostochastic_schedule": "tokenbender"},
         contextlib.nullcontext),
 }
+# Frac-connection rows: label -> the site's config for `--n` units and `--dim`.
+FRAC_ROWS = {
+    "Frac-connection, HC: 1 stream x n fractions":
+        lambda n, dim: mappings.HCConfig(1, dim, num_fracs=n),
+    "Frac-connection, mHC sinkhorn: 1 stream x n fractions":
+        lambda n, dim: mappings.MHCConfig(1, dim, num_fracs=n),
+    "Frac-connection, mHC sinkhorn: 2 streams x n/2 fractions": lambda n, dim: _two_streams(n, dim),
+}
+
+
+def _two_streams(n: int, dim: int) -> mappings.MHCConfig:
+  if n < 4 or n % 2:
+    raise ValueError("two streams of n/2 >= 2 fractions need an even --n >= 4")
+  return mappings.MHCConfig(2, dim, num_fracs=n // 2)
 
 
 def site(config, branch):
@@ -218,8 +242,9 @@ def site(config, branch):
   def f(streams, params):
     site_params, branch_weight = params
     coefficients = config.coefficients(site_params, streams)
-    branch_output = branch(streams_lib.aggregate(streams, coefficients.h_pre), branch_weight)
-    return streams_lib.merge(streams, branch_output, coefficients)
+    branch_input = streams_lib.aggregate(streams, coefficients.h_pre, config.num_fracs)
+    return streams_lib.merge(streams, branch(branch_input, branch_weight), coefficients,
+                             config.num_fracs)
   return f
 
 
@@ -269,26 +294,30 @@ def fwd_bwd_seconds(f, streams, params, repeats: int) -> float:
 
 
 def print_res_mapping_table(args, streams, branch_weight) -> None:
-  """One row per `RES_ROWS` entry, see the module docstring; mappings that do not support
-  `--n` are listed as such."""
+  """One row per `RES_ROWS` and `FRAC_ROWS` entry, see the module docstring; sites that do
+  not support `--n` are listed as such."""
   stream_bytes = streams.size * streams.dtype.itemsize
-  print(f"\nmHC site (linear branch) per H_res mapping; time: median of {args.repeats} jitted "
-        f"forward+backward runs")
+  print(f"\nmHC site (linear branch) per H_res mapping, then Frac-connection sites; time: "
+        f"median of {args.repeats} jitted forward+backward runs")
   print("| H_res mapping | res logits | saved MiB | stream arrays | vs sinkhorn | fwd+bwd ms "
         "| vs sinkhorn |")
   print("|---|---|---|---|---|---|---|")
+  configs = {label: (lambda n, dim, options=options: mappings.MHCConfig(n, dim, **options),
+                     context) for label, (options, context) in RES_ROWS.items()}
+  configs |= {label: (make, contextlib.nullcontext) for label, make in FRAC_ROWS.items()}
   rows = {}
-  for label, (options, context) in RES_ROWS.items():
+  for label, (make, context) in configs.items():
     try:
-      config = mappings.MHCConfig(args.n, args.dim, **options)
+      config = make(args.n, args.dim)
     except ValueError as error:
       rows[label] = f"not for n = {args.n}: {error}"
       continue
     f = site(config, BRANCHES["linear [C, C]"])
     params = (config.init_params(jax.random.key(0)), branch_weight)
+    its_streams = streams[..., :config.num_streams, :]
     with context():
-      rows[label] = (config.num_res_logits, saved_bytes(f, streams, params),
-                     fwd_bwd_seconds(f, streams, params, args.repeats))
+      rows[label] = (getattr(config, "num_res_logits", "-"), saved_bytes(f, its_streams, params),
+                     fwd_bwd_seconds(f, its_streams, params, args.repeats))
   _, base_saved, base_seconds = rows["sinkhorn"]
   for label, row in rows.items():
     if isinstance(row, str):

@@ -25,7 +25,7 @@ import numpy as np
 from experiments.bench_progress import RowProgress
 from mhc_jax.lm.model import REMAT_POLICIES, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train_state import LoopConfig, Trainer
 
@@ -34,18 +34,20 @@ NUM_STREAMS = 4
 # Every registered residual, then ablations that each change one thing, so the rows isolate
 # what a cost comes from.
 VARIANTS = {
-    **{name: dict(residual=name, num_streams=NUM_STREAMS) for name in RESIDUALS},
-    "hc_static": dict(residual="hc", num_streams=NUM_STREAMS, hc_dynamic=False),
-    "mhc_sinkhorn1": dict(residual="mhc", num_streams=NUM_STREAMS, sinkhorn_iters=1),
+    **{name: (name, {}) for name in RESIDUALS},
+    "hc_static": ("hc", dict(dynamic=False)),
+    "mhc_sinkhorn1": ("mhc", dict(sinkhorn_iters=1)),
 }
 BASELINE = ("prenorm", "none")
 
 
 def build(variant: str, remat: str, args):
   """-> (trainer, initial state, one device batch) for `variant` on the first device."""
-  model = ModelConfig(vocab_size=VOCAB, d_model=args.d_model, num_layers=args.layers,
-                      num_heads=args.heads, mlp_dim=args.mlp_dim, dtype="float32",
-                      remat=remat, **VARIANTS[variant])
+  residual, settings = VARIANTS[variant]
+  model = with_residual(
+      ModelConfig(vocab_size=VOCAB, d_model=args.d_model, num_layers=args.layers,
+                  num_heads=args.heads, mlp_dim=args.mlp_dim, dtype="float32", remat=remat),
+      residual, num_streams=NUM_STREAMS, **settings)
   # LoopConfig.steps only sets the learning-rate schedule's length, not the work of a step.
   trainer = Trainer(model, OptimizerConfig(), MeshConfig(), LoopConfig(steps=args.steps + 1),
                     args.batch, devices=jax.devices()[:1])

@@ -41,7 +41,7 @@ from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.checks import check_int, one_line
 from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity
 from mhc_jax.lm.metrics import read_metrics
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
@@ -107,8 +107,8 @@ def run_configs(settings: Settings, variant: str, seed: int) -> dict:
   """The `train` keyword arguments of one run."""
   loop = settings.loop
   return {
-      "model": dataclasses.replace(settings.model, residual=variant,
-                                   num_streams=settings.comparison.num_streams),
+      "model": with_residual(settings.model, variant,
+                             num_streams=settings.comparison.num_streams),
       "data": dataclasses.replace(settings.data, seed=seed),
       "optimizer": settings.optimizer,
       "mesh": settings.mesh,
@@ -185,7 +185,8 @@ def settings_summary(settings: Settings, preset: str) -> dict:
   """The settings the report states, JSON-ready: every run's configs, less what varies."""
   comparison = settings.comparison
   configs = configs_json(run_configs(settings, comparison.variants[0], comparison.seeds[0]))
-  for group, key in (("model", "residual"), ("data", "seed"), ("loop", "seed")):
+  for group, key in (("model", "residual"), ("model", "residual_settings"), ("data", "seed"),
+                     ("loop", "seed")):
     del configs[group][key]
   devices = devices_for(settings.mesh)
   return {

@@ -16,7 +16,9 @@ lm-eval's strict-match: 0.4109 pretrained, 0.3624 after a full fine-tune (its SF
 
 The task is `experiments/word_problems.py`: arithmetic word problems generated from
 `TaskConfig.seed`, fine-tuned on as text (`OUT/task/*.txt`) and scored on the disjoint test
-split, `Retrofit.shots`-shot, by greedy decoding and exact match of the number.
+split through lm-evaluation-harness, as the blog scored GSM8K: the task written for lm-eval
+(`OUT/lm_eval_task/`), `Retrofit.shots`-shot, greedy, exact match after its strict-match
+filter (`mhc_jax.lm.harness` runs the models).
 
 A preset is `gin_configs/retrofit/NAME.gin` (or any gin file's path): the pretraining's
 configs as `mhc-train` takes them (`ModelConfig.*`, `DataConfig.*`, ...), the fine-tunes'
@@ -62,18 +64,21 @@ from experiments.report.numbers import mean_std  # noqa: E402
 from mhc_jax.checks import check_int, one_line  # noqa: E402
 from mhc_jax.lm import presets, train as train_lib  # noqa: E402
 from mhc_jax.lm.data import Corpus, DataConfig  # noqa: E402
+from mhc_jax.lm.harness import MhcJaxLM  # noqa: E402
 from mhc_jax.lm.metrics import read_metrics  # noqa: E402
 from mhc_jax.lm.model import ModelConfig  # noqa: E402
 from mhc_jax.lm.optimizer import OptimizerConfig  # noqa: E402
 from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
 from mhc_jax.lm.retrofitting import retrofit_config  # noqa: E402
 from mhc_jax.lm.sharding import MeshConfig  # noqa: E402
+from mhc_jax.lm.tokenizer import ByteTokenizer  # noqa: E402
 from mhc_jax.lm.train_state import LoopConfig, Trainer  # noqa: E402
 
 PRESET_DIR = presets.PRESET_DIR / "retrofit"
 FINETUNE = "finetune"  # the gin scope of the fine-tunes' configs
 PRETRAIN = "pretrain"  # its run's folder in OUT/runs/
 SCORES = "few_shot.json"  # a model's scores, in its run's folder
+EVAL_BATCH_SIZE = 50  # prompts decoded together
 FIGURES = ("accuracy.png", "loss_train.png", "loss_eval.png", "gain_over_training.png",
            "gain_per_layer.png")
 ROWS = {"pretrained": "pretrained, no fine-tune",
@@ -169,11 +174,16 @@ def task_source(out: pathlib.Path) -> str:
   return str(out / "task" / "*.txt")
 
 
+def lm_eval_task(out: pathlib.Path) -> pathlib.Path:
+  """The folder of the task as lm-eval reads it (`word_problems.write_lm_eval_task`)."""
+  return out / "lm_eval_task"
+
+
 def run_configs(settings: Settings, out: pathlib.Path, row: str, seed: int) -> dict:
   """The `train` keyword arguments of one fine-tune (all but `init_from`)."""
   finetune, retrofit = settings.finetune, settings.retrofit
   model = (settings.model if row == "prenorm"
-           else retrofit_config(settings.model, row, retrofit.num_streams))
+           else retrofit_config(settings.model, row, num_streams=retrofit.num_streams))
   return {"model": model,
           "data": dataclasses.replace(finetune["data"], source=task_source(out), seed=seed),
           "optimizer": finetune["optimizer"],
@@ -209,8 +219,7 @@ def jobs(settings: Settings, out: pathlib.Path) -> list[tuple[str, dict, dict]]:
 def check_prompts_fit(settings: Settings, task: word_problems.Task) -> None:
   """The evaluation's longest prompt and its answer must fit in the fine-tunes' windows: the
   model never saw positions beyond them."""
-  longest = max(len(p.encode()) for p in word_problems.few_shot_prompts(
-      task, settings.retrofit.shots, settings.task.seed))
+  longest = word_problems.longest_prompt(task, settings.retrofit.shots)
   needed, seq_len = longest + word_problems.answer_tokens(task), settings.finetune["data"].seq_len
   if needed > seq_len:
     raise ValueError(f"{settings.retrofit.shots}-shot prompts and their answers take up to "
@@ -231,14 +240,16 @@ def restore(configs: dict, workdir: pathlib.Path) -> tuple[Trainer, dict]:
   return trainer, final_params(trainer, workdir, configs["loop"].steps)
 
 
-def scores(settings: Settings, task: word_problems.Task, corpus: Corpus, configs: dict,
+def scores(settings: Settings, task_folder: pathlib.Path, corpus: Corpus, configs: dict,
            workdir: pathlib.Path) -> dict:
-  """The run's few-shot scores (`word_problems.evaluate`) and its loss on the fine-tunes'
-  validation problems (`corpus`), kept in `workdir/SCORES` and reused while the task, the
-  shots and the fine-tunes' data are the same."""
+  """The run's few-shot scores (`word_problems.evaluate` of the lm-eval task in
+  `task_folder`) and its loss on the fine-tunes' validation problems (`corpus`), kept in
+  `workdir/SCORES` and reused while the task, the shots, the fine-tunes' data and the scorer
+  are the same."""
   key = {"task": dataclasses.asdict(settings.task), "shots": settings.retrofit.shots,
          "data": dataclasses.asdict(corpus.config),
-         "eval_batches": settings.finetune["loop"].eval_batches}
+         "eval_batches": settings.finetune["loop"].eval_batches,
+         "scored_by": word_problems.SCORED_BY}
   path = workdir / SCORES
   if path.is_file():
     kept = json.loads(path.read_text())
@@ -247,9 +258,11 @@ def scores(settings: Settings, task: word_problems.Task, corpus: Corpus, configs
   trainer, params = restore(configs, workdir)
   with jax.set_mesh(trainer.mesh):
     task_loss = trainer.evaluate(params, corpus.validation_batches(key["eval_batches"]))
-  model = nnx.merge(trainer.graphdef, jax.device_get(params))
+  # Every model reads the prompts within the fine-tunes' windows (`check_prompts_fit`).
+  lm = MhcJaxLM(nnx.merge(trainer.graphdef, jax.device_get(params)), ByteTokenizer(),
+                max_length=corpus.config.seq_len, batch_size=EVAL_BATCH_SIZE)
   result = {"key": key, "task_val_loss": task_loss,
-            **word_problems.evaluate(model, task, settings.retrofit.shots, settings.task.seed)}
+            **word_problems.evaluate(lm, task_folder, settings.retrofit.shots)}
   path.write_text(json.dumps(result, indent=1) + "\n")
   return result
 
@@ -259,8 +272,7 @@ def task_corpus(settings: Settings, out: pathlib.Path) -> Corpus:
   return Corpus(run_configs(settings, out, "prenorm", settings.retrofit.seeds[0])["data"])
 
 
-def evaluate_runs(settings: Settings, task: word_problems.Task, corpus: Corpus,
-                  out: pathlib.Path) -> list[dict]:
+def evaluate_runs(settings: Settings, corpus: Corpus, out: pathlib.Path) -> list[dict]:
   """-> one entry per scored model: row, seed (None for the pretrained model), accuracy and
   its stderr over problems, whether each test problem was solved (`[problems]` 0/1), loss
   on the fine-tunes' validation problems, metrics rows."""
@@ -272,13 +284,12 @@ def evaluate_runs(settings: Settings, task: word_problems.Task, corpus: Corpus,
   results = []
   for i, (row, seed, name, configs) in enumerate(models, 1):
     workdir = out / "runs" / name
-    score = scores(settings, task, corpus, configs, workdir)
+    score = scores(settings, lm_eval_task(out), corpus, configs, workdir)
     print(f"[{i}/{len(models)}] {name}: accuracy {score['accuracy']:.3f}", flush=True)
     results.append({"row": row, "seed": seed, "run": name, "accuracy": score["accuracy"],
                     "stderr": score["stderr"], "task_val_loss": score["task_val_loss"],
                     "first_continuations": score["continuations"][:5],
-                    "correct": np.array([word_problems.is_correct(c, p) for c, p in
-                                         zip(score["continuations"], task.test)], float),
+                    "correct": np.array(score["correct"]),
                     "metrics": read_metrics(workdir)})
   return results
 
@@ -470,8 +481,9 @@ def markdown(summary: dict) -> str:
       f"{fine['data']['seq_len']} bytes ({s['finetune_epochs']:.1f} epochs of "
       f"{s['task']['num_train']} word problems) at peak learning rate "
       f"{fine['optimizer']['learning_rate']:g}, {len(s['seeds'])} seeds; retrofits with "
-      f"n = {s['num_streams']} streams. Scored on {s['task']['num_test']} held-out problems, "
-      f"{s['shots']}-shot, greedy, exact match of the number.",
+      f"n = {s['num_streams']} streams. Scored by lm-evaluation-harness on "
+      f"{s['task']['num_test']} held-out problems, {s['shots']}-shot (shots drawn by lm-eval's "
+      "sampler), greedy, exact match of the strict-match number.",
       "",
       f"Blog: {BLOG['source']}: "
       + ", ".join(f"{ROWS[row]} {value:.4f}" for row, value in BLOG["accuracy"].items()) + ".",
@@ -555,10 +567,11 @@ def main(argv=None) -> int:
     return 2
   use_compilation_cache(out / "runs")
   word_problems.write_documents(task.train, out / "task", settings.task.problems_per_document)
+  word_problems.write_lm_eval_task(task, lm_eval_task(out))
   try:
     train_runs(settings, out, progress=not args.no_progress)
     corpus = task_corpus(settings, out)
-    write_report(out, settings, task, evaluate_runs(settings, task, corpus, out), corpus)
+    write_report(out, settings, task, evaluate_runs(settings, corpus, out), corpus)
   except (ValueError, train_lib.NonFiniteError) as err:
     print(f"retrofit: {err}", file=sys.stderr)
     return 2 if isinstance(err, ValueError) else 1

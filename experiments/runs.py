@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 
 from mhc_jax.lm import checkpoint, distributed, presets, train as train_lib
 from mhc_jax.lm.files import write_atomically
+from mhc_jax.lm.model import FLAT_SETTINGS, ModelConfig
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train_state import Trainer
 
@@ -60,6 +61,8 @@ def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
     write_atomically(path, json.dumps(wanted, indent=2) + "\n")
     return
   found = json.loads(path.read_text())
+  if FLAT_SETTINGS.keys() & found.get("model", {}).keys():  # recorded before variant settings
+    found["model"] = configs_json({"model": ModelConfig.from_record(found["model"])})["model"]
   if found != wanted:
     changed = sorted(f"{group}.{key}" for group in wanted for key in wanted[group]
                      if found.get(group, {}).get(key) != wanted[group][key])

@@ -54,7 +54,7 @@ from mhc_jax.lm.data import DataConfig  # noqa: E402
 from mhc_jax.lm.metrics import read_metrics  # noqa: E402
 from mhc_jax.lm.model import ModelConfig  # noqa: E402
 from mhc_jax.lm.optimizer import OptimizerConfig  # noqa: E402
-from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
+from mhc_jax.lm.residuals import RESIDUALS, with_residual  # noqa: E402
 from mhc_jax.lm.sharding import MeshConfig  # noqa: E402
 from mhc_jax.lm.train_state import LoopConfig  # noqa: E402
 
@@ -130,8 +130,8 @@ def run_name(variant: str, depth: int, lr: float, seed: int) -> str:
 def run_configs(settings: Settings, variant: str, depth: int, lr: float, seed: int) -> dict:
   """The `train` keyword arguments of one run."""
   return {
-      "model": dataclasses.replace(settings.model, residual=variant, num_layers=depth,
-                                   num_streams=settings.grid.num_streams),
+      "model": with_residual(dataclasses.replace(settings.model, num_layers=depth), variant,
+                             num_streams=settings.grid.num_streams),
       "data": dataclasses.replace(settings.data, seed=seed),
       "optimizer": dataclasses.replace(settings.optimizer, learning_rate=lr),
       "mesh": settings.mesh,
@@ -252,7 +252,8 @@ def plot_map(path: pathlib.Path, settings: Settings, cell_list: list[dict]) -> N
 def settings_summary(settings: Settings, preset: str) -> dict:
   """The settings every run shares, JSON-ready (what a cell sets is left out)."""
   configs = configs_json(run_configs(settings, *settings.runs()[0]))
-  for group, key in (("model", "residual"), ("model", "num_layers"), ("data", "seed"),
+  for group, key in (("model", "residual"), ("model", "residual_settings"),
+                     ("model", "num_layers"), ("data", "seed"),
                      ("optimizer", "learning_rate"), ("loop", "seed")):
     del configs[group][key]
   devices = devices_for(settings.mesh)

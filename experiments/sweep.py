@@ -5,7 +5,7 @@ A sweep spec is a gin file binding `Sweep`:
     Sweep.gin_files = ["shakespeare_tiny.gin"]              # every run's configs
     Sweep.bindings = ["LoopConfig.steps = 300"]             # every run's extra bindings
     Sweep.grid = {"ModelConfig.residual": ["prenorm", "mhc"], "LoopConfig.seed": [0, 1]}
-    Sweep.runs = [{"ModelConfig.num_streams": 2}]           # and/or an explicit list
+    Sweep.runs = [{"ModelConfig.residual": "mhc", "MHC.num_streams": 2}]  # and/or a list
 
 Every grid point (and every listed run) trains in `OUT/<name>/`, its name made from its
 bindings; finished runs (`mhc_jax.lm.train.is_finished`) are skipped, unfinished ones resume.

@@ -1,30 +1,39 @@
 """A GSM8K-like task at byte scale: short arithmetic word problems with numeric answers,
-generated from a seed, and their few-shot evaluation by greedy decoding and exact match of the
-final number (lm-eval's GSM8K strict-match, in spirit).
+generated from a seed, written as an lm-evaluation-harness task and scored the way the blog
+scored GSM8K: lm-eval, few-shot, greedy, exact match of the strict-match number.
 
     task = make_task(TaskConfig(seed=0, num_train=3000, num_test=200))
     task.test[0].text  # "Dan has 3 cups. He buys 2 more and gives away 1. How many cups
                        #  does he have?\nAnswer: 4\n"
-    result = evaluate(model, task, shots=1, seed=0)  # {"accuracy", "stderr", ...}
+    write_lm_eval_task(task, folder)
+    result = evaluate(lm, folder, shots=1)  # {"accuracy", "stderr", ...}
 
 Four templates: add, subtract, add then subtract, multiply (bags of equal size), every number
 in them and every step between at most `TaskConfig.max_number`. The splits are disjoint: no
-test question's text occurs in the train split. A k-shot prompt is k train problems drawn
-for that question, then the question and "Answer:"; the model continues it greedily, and the
-first number on the answer's line must equal the answer's digits exactly.
+test question's text occurs in the train split.
+
+The lm-eval task (`LM_EVAL_TASK`, in `write_lm_eval_task`'s folder) is lm-eval's `gsm8k` in
+this task's format: a k-shot prompt is k problems drawn from the train split by lm-eval's
+sampler (with its default seed, as `mhc-eval` draws them), each as its `Problem.text`, then
+the question and "Answer:"; the model continues it greedily to the end of the line, and
+`strict-match` takes the first number there (gsm8k's takes the one after its "####" marker;
+here "Answer:" ends the prompt, so the answer's line holds nothing else), `flexible-extract`
+the last one (gsm8k's regex). Exact match then compares it with the answer's digits, so "07"
+is wrong.
 """
 
 import dataclasses
+import importlib.metadata
+import json
 import pathlib
-import re
 from collections import Counter
 from collections.abc import Callable
 
+import lm_eval
 import numpy as np
+from lm_eval.tasks import TaskManager
 
 from mhc_jax.checks import check_int
-from mhc_jax.lm.sample import greedy_continuations
-from mhc_jax.lm.tokenizer import EOS, decode, encode
 
 PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Bob", "He"), ("Eve", "She"), ("Sam", "He"),
           ("Mia", "She"), ("Joe", "He"), ("Amy", "She"), ("Ben", "He"), ("Liz", "She"),
@@ -32,7 +41,47 @@ PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Bob", "He"), ("Eve", "She"), ("Sam", 
 ITEMS = ("apples", "pens", "cards", "eggs", "coins", "books", "cups", "shells", "stamps",
          "plums")
 ANSWER = "\nAnswer:"
-NUMBER = re.compile(r"-?\d+")
+LM_EVAL_TASK = "mhc_word_problems"
+SCORED_BY = f"lm-eval {importlib.metadata.version('lm_eval')} {LM_EVAL_TASK} strict-match"
+# The task as lm-eval reads it (`write_lm_eval_task` fills in the files): gsm8k.yaml's fields,
+# with this task's delimiters (a shot is `Problem.text`: "... Answer: N\n") and line.
+LM_EVAL_YAML = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+output_type: generate_until
+training_split: train
+fewshot_split: train
+test_split: test
+doc_to_text: "{{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: " "
+fewshot_delimiter: "\\n"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {max_gen_toks}
+  do_sample: false
+  temperature: 0.0
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "(-?[0-9]+)"
+      - function: take_first
+  - name: flexible-extract
+    filter:
+      - function: regex
+        group_select: -1
+        regex_pattern: "(-?[$0-9.,]{{2,}})|(-?[0-9]+)"
+      - function: take_first
+"""
 # Draws allowed per problem wanted before the task counts as impossible (duplicates are
 # redrawn; with max_number 9 the templates give 39,120 distinct questions).
 DRAWS_PER_PROBLEM = 20
@@ -142,38 +191,12 @@ def write_documents(problems, folder: pathlib.Path, per_document: int) -> str:
   return str(folder / "*.txt")
 
 
-def prompt(shots, question: str) -> str:
-  """k solved problems, then the question, ending where the answer's number would start."""
-  return "".join(p.text for p in shots) + question + ANSWER
-
-
-def few_shot_prompts(task: Task, shots: int, seed: int) -> list[str]:
-  """One prompt per test problem; its `shots` examples are distinct train problems drawn for
-  that problem alone (from `seed` and its index, so every model sees the same prompts)."""
+def longest_prompt(task: Task, shots: int) -> int:
+  """The most bytes a `shots`-shot prompt can take: the longest shots, then the longest test
+  question and "Answer:" (lm-eval draws the shots)."""
   check_int("shots", shots, minimum=0)
-  prompts = []
-  for i, problem in enumerate(task.test):
-    picks = np.random.default_rng([seed, i]).choice(len(task.train), shots, replace=False)
-    prompts.append(prompt([task.train[j] for j in picks], problem.question))
-  return prompts
-
-
-def extract_answer(continuation: str) -> str | None:
-  """The first number on the answer's line (up to the first newline), as written; None
-  without one. Exact match then compares it with the answer's digits, so "07" is wrong."""
-  match = NUMBER.search(continuation.split("\n", 1)[0])
-  return match.group() if match else None
-
-
-def is_correct(continuation: str, problem: Problem) -> bool:
-  return extract_answer(continuation) == str(problem.answer)
-
-
-def until_eos(tokens: np.ndarray) -> np.ndarray:
-  """`[n]` -> the tokens before the first EOS: the document ends there (decoding would drop
-  the EOS and join what surrounds it)."""
-  ends = np.flatnonzero(tokens == EOS)
-  return tokens[:ends[0]] if len(ends) else tokens
+  texts = sorted((len(p.text.encode()) for p in task.train), reverse=True)[:shots]
+  return sum(texts) + max(len(p.question.encode()) for p in task.test) + len(ANSWER.encode())
 
 
 def answer_tokens(task: Task) -> int:
@@ -192,16 +215,41 @@ def constant_baselines(task: Task) -> dict:
           for name, answer in (("train_majority", train), ("best_constant", best))}
 
 
-def evaluate(model, task: Task, shots: int, seed: int, batch_size: int = 50) -> dict:
-  """Few-shot greedy decoding of every test problem (see `few_shot_prompts`) ->
-  accuracy (exact match), its standard error over problems (lm-eval's: sample std / sqrt(N)),
-  the longest prompt in bytes, and every continuation."""
-  prompts = [encode(p) for p in few_shot_prompts(task, shots, seed)]
-  outputs = greedy_continuations(model, prompts, answer_tokens(task), batch_size=batch_size)
-  continuations = [decode(until_eos(row)) for row in outputs]
-  correct = np.array([is_correct(c, p) for c, p in zip(continuations, task.test)], float)
-  return {"accuracy": float(correct.mean()),
-          "stderr": float(correct.std(ddof=1) / np.sqrt(len(correct))) if len(correct) > 1
-          else float("nan"),
-          "longest_prompt": max(len(p) for p in prompts),
-          "continuations": continuations}
+def write_lm_eval_task(task: Task, folder: pathlib.Path) -> pathlib.Path:
+  """The task as lm-eval's `LM_EVAL_TASK` in `folder`: its YAML, `train.jsonl` (the shots) and
+  `test.jsonl`, each problem a {"question", "answer"} line; -> `folder`, lm-eval's
+  `include_path`. Decoding stops after `answer_tokens` tokens at most."""
+  folder.mkdir(parents=True, exist_ok=True)
+  for split in ("train", "test"):
+    (folder / f"{split}.jsonl").write_text("".join(
+        json.dumps({"question": p.question, "answer": str(p.answer)}) + "\n"
+        for p in getattr(task, split)))
+  (folder / f"{LM_EVAL_TASK}.yaml").write_text(LM_EVAL_YAML.format(
+      name=LM_EVAL_TASK, train=json.dumps(str((folder / "train.jsonl").resolve())),
+      test=json.dumps(str((folder / "test.jsonl").resolve())),
+      max_gen_toks=answer_tokens(task)))
+  return folder
+
+
+def evaluate(lm, folder: pathlib.Path, shots: int) -> dict:
+  """lm-eval's run of the task in `folder` (`write_lm_eval_task`) with `lm` (an lm-eval `LM`:
+  `mhc_jax.lm.harness.MhcJaxLM` for this project's models), `shots` examples a prompt ->
+  accuracy (exact match after strict-match) and lm-eval's stderr of it (sample std /
+  sqrt(N)), the longest prompt in bytes, and per test problem, in order, its prompt, its
+  continuation, the number strict-match took from it ("[invalid]": none) and whether that
+  was right."""
+  check_int("shots", shots, minimum=0)
+  manager = TaskManager(include_path=str(folder), include_defaults=False)
+  run = lm_eval.simple_evaluate(model=lm, tasks=[LM_EVAL_TASK], num_fewshot=shots,
+                                task_manager=manager, log_samples=True)
+  scores = run["results"][LM_EVAL_TASK]
+  strict = sorted((s for s in run["samples"][LM_EVAL_TASK] if s["filter"] == "strict-match"),
+                  key=lambda sample: sample["doc_id"])
+  prompts = [sample["arguments"][0][0] for sample in strict]
+  return {"accuracy": float(scores["exact_match,strict-match"]),
+          "stderr": float(scores["exact_match_stderr,strict-match"]),
+          "longest_prompt": max(len(p.encode()) for p in prompts),
+          "prompts": prompts,
+          "continuations": [sample["resps"][0][0] for sample in strict],
+          "answers": [sample["filtered_resps"][0] for sample in strict],
+          "correct": [float(sample["exact_match"]) for sample in strict]}

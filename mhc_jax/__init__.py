@@ -6,15 +6,17 @@ NNX modules at the top level; Linen versions in `mhc_jax.linen`; diagnostics in
 """
 
 from mhc_jax import diagnostics, linen
-from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig
-from mhc_jax.modules import HyperConnection, HyperHead, ManifoldHyperConnection
+from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig, StreamEmbedConfig
+from mhc_jax.modules import HyperConnection, HyperHead, ManifoldHyperConnection, StreamEmbedding
 from mhc_jax.res_mappings import permutation_matrices
 from mhc_jax.site import SiteContext
 from mhc_jax.sinkhorn import sinkhorn_knopp
-from mhc_jax.streams import Coefficients, aggregate, expand_streams, merge, reduce_streams
+from mhc_jax.streams import (Coefficients, aggregate, embed_streams, expand_streams, merge,
+                             reduce_streams)
 
 __all__ = [
     "Coefficients", "HCConfig", "HeadConfig", "HyperConnection", "HyperHead", "MHCConfig",
-    "ManifoldHyperConnection", "SiteContext", "aggregate", "diagnostics", "expand_streams",
-    "linen", "merge", "permutation_matrices", "reduce_streams", "sinkhorn_knopp",
+    "ManifoldHyperConnection", "SiteContext", "StreamEmbedConfig", "StreamEmbedding",
+    "aggregate", "diagnostics", "embed_streams", "expand_streams", "linen", "merge",
+    "permutation_matrices", "reduce_streams", "sinkhorn_knopp",
 ]

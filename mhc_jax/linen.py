@@ -14,13 +14,13 @@ import flax.linen as nn
 import jax
 
 from mhc_jax import deepseek_v4
-from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig, check_streams
+from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig, StreamEmbedConfig, check_streams
 from mhc_jax.site import SiteMixin
 from mhc_jax.streams import aggregate
 
 
 class _ParamsModule(nn.Module):
-  config: HCConfig | MHCConfig | HeadConfig
+  config: HCConfig | MHCConfig | HeadConfig | StreamEmbedConfig
 
   def setup(self):
     names = jax.eval_shape(self.config.init_params, jax.random.key(0)).keys()
@@ -55,6 +55,16 @@ class ManifoldHyperConnection(SiteMixin, _ParamsModule):
     config = MHCConfig(n, c, pre_eps=hc_eps, sinkhorn_eps=hc_eps, norm_eps=norm_eps,
                        sinkhorn_iters=sinkhorn_iters)
     return ManifoldHyperConnection(config), params
+
+
+class StreamEmbedding(_ParamsModule):
+  """Learned per-stream offsets added as the embedding is expanded into streams, configured
+  by a `StreamEmbedConfig`: `[..., C]` -> `[..., n, C]`."""
+
+  config: StreamEmbedConfig
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.config.embed(self.values, x)
 
 
 class HyperHead(_ParamsModule):

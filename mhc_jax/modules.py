@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 from mhc_jax import deepseek_v4
-from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig, check_streams
+from mhc_jax.mappings import HCConfig, HeadConfig, MHCConfig, StreamEmbedConfig, check_streams
 from mhc_jax.site import SiteMixin
 from mhc_jax.streams import aggregate
 
@@ -75,6 +75,22 @@ class ManifoldHyperConnection(SiteMixin, _ParamsModule):
     n, c, params = deepseek_v4.site_params(fn, base, scale)
     return cls(n, c, params=params, sow_coefficients=sow_coefficients, pre_eps=hc_eps,
                sinkhorn_eps=hc_eps, norm_eps=norm_eps, sinkhorn_iters=sinkhorn_iters)
+
+
+class StreamEmbedding(_ParamsModule):
+  """Learned per-stream offsets added as the embedding is expanded into streams (lucidrains'
+  `StreamEmbed`); see `mappings.StreamEmbedConfig`. `[..., C]` -> `[..., n, C]`.
+
+      embed = StreamEmbedding(num_streams=4, dim=512)
+      streams = embed(token_embedding)   # in place of expand_streams(token_embedding, 4)
+  """
+
+  def __init__(self, num_streams: int, dim: int, *, rngs: nnx.Rngs | None = None, params=None):
+    # Zeros at the start: rngs is accepted for symmetry only.
+    super().__init__(StreamEmbedConfig(num_streams, dim), rngs or nnx.Rngs(0), params)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.config.embed(self._params(), x)
 
 
 class HyperHead(_ParamsModule):

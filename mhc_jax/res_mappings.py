@@ -50,10 +50,10 @@ def _check_logits(logits, axes: str, ok: bool) -> None:
 # KromHC (Zhou et al., arXiv:2601.21579; public code wz1119/KromHC)
 
 
-def kromhc_factors(num_streams: int) -> int:
-  """`K` with `2^K = num_streams`; a ValueError unless `num_streams` is a power of two."""
+def kromhc_factors(num_streams: int, name: str = "num_streams") -> int:
+  """`K` with `2^K = num_streams`; a ValueError naming `name` unless it is a power of two."""
   if num_streams < 1 or num_streams & (num_streams - 1):
-    raise ValueError(f"num_streams must be a power of two with res_mapping='kromhc' (a "
+    raise ValueError(f"{name} must be a power of two with res_mapping='kromhc' (a "
                      f"Kronecker product of 2x2 factors), got {num_streams}; use 1, 2, 4, 8, "
                      f"... streams or res_mapping='sinkhorn' or 'orthostochastic'")
   return num_streams.bit_length() - 1
@@ -86,7 +86,7 @@ def kromhc(logits: jax.Array) -> jax.Array:
   return h_res
 
 
-def _kromhc_bias(num_streams: int, identity_weight: float) -> np.ndarray:
+def _kromhc_pairs(num_streams: int, identity_weight: float) -> np.ndarray:
   """Every factor keeps `p = identity_weight^(1/K)`, so `H_res`'s diagonal, and the identity's
   weight `prod_k p_k` in the expanded product, start at `identity_weight`. Each pair is
   `(0, -gap)`: KromHC's own start `(0, -8)` is `identity_weight = sigmoid(8)^K`."""
@@ -95,6 +95,12 @@ def _kromhc_bias(num_streams: int, identity_weight: float) -> np.ndarray:
     return np.zeros((0,), np.float32)
   gap = identity_logit_gap(2, identity_weight**(1.0 / factors))
   return np.tile(np.asarray([0.0, -gap], np.float32), factors)
+
+
+def _kromhc_bias(config) -> np.ndarray:
+  """The streams' factors (the high bits of unit `s m + f`), then the fractions'."""
+  return np.concatenate([_kromhc_pairs(config.num_streams, config.res_init_identity),
+                         _kromhc_pairs(config.num_fracs, config.frac_init_identity)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,12 +184,15 @@ def uniform_diagonal_rotation(num_streams: int, diagonal: float) -> np.ndarray:
   return rotation
 
 
-def _orthostochastic_bias(num_streams: int, identity_weight: float) -> np.ndarray:
-  """Logits `O_0`, orthogonal with `O_0,ii² = identity_weight` (`uniform_diagonal_rotation`):
+def _orthostochastic_bias(config) -> np.ndarray:
+  """Logits `O_0`, orthogonal with `O_0,ii² = res_init_identity` (`uniform_diagonal_rotation`):
   their own polar factor, reached from singular values all `1/sqrt(n)`, so `H_res` starts
-  with diagonal `identity_weight` (its rest on the cyclic neighbours i ± 1 mostly)."""
-  rotation = uniform_diagonal_rotation(num_streams, math.sqrt(identity_weight))
-  return rotation.astype(np.float32).reshape(-1)
+  with diagonal `res_init_identity` (its rest on the cyclic neighbours i ± 1 mostly). With
+  fractions `O_0 ⊗ O_f` (`O_f,ii² = frac_init_identity`), orthogonal, so `H_res` starts at
+  `(O_0 ∘ O_0) ⊗ (O_f ∘ O_f)`."""
+  streams = uniform_diagonal_rotation(config.num_streams, math.sqrt(config.res_init_identity))
+  fractions = uniform_diagonal_rotation(config.num_fracs, math.sqrt(config.frac_init_identity))
+  return np.kron(streams, fractions).astype(np.float32).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,11 +201,14 @@ def _orthostochastic_bias(num_streams: int, identity_weight: float) -> np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class ResMapping:
-  """One `H_res` mapping. Functions of the site's `MHCConfig` (`config`) where options matter.
+  """One `H_res` mapping. Functions of the site's `MHCConfig` (`config`) where options matter;
+  `n` is the side of `H_res`, `config.res_size` (the streams, times the fractions if any).
 
   num_logits(n)            residual logits per token, `R` (phi's res columns, bias's length)
-  init_bias(n, weight)     `[R]` float32 logits with which `H_res` starts at identity weight
-                           `weight` (`MHCConfig.res_init_identity`)
+  init_bias(config)        `[R]` float32 logits with which `H_res` starts at identity weight
+                           `res_init_identity` among the streams and, with fractions,
+                           `frac_init_identity` among a stream's fractions (a Kronecker
+                           product of the two starts where the mapping has one)
   h_res(logits, config)    `[..., R]` -> `[..., n, n]`, applied as `H_res @ X`
   check(config)            raises a one-line ValueError for what the mapping does not support
   matmul_flops(config)     forward matmul FLOPs per token from logits to `H_res` (elementwise
@@ -204,7 +216,7 @@ class ResMapping:
   """
 
   num_logits: Callable[[int], int]
-  init_bias: Callable[[int, float], np.ndarray]
+  init_bias: Callable[..., np.ndarray]
   h_res: Callable[..., jax.Array]
   check: Callable = lambda config: None
   matmul_flops: Callable = lambda config: 0
@@ -214,49 +226,69 @@ def _square(logits: jax.Array, n: int) -> jax.Array:
   return logits.reshape(*logits.shape[:-1], n, n)
 
 
-def _sinkhorn_bias(num_streams: int, identity_weight: float) -> np.ndarray:
-  gap = identity_logit_gap(num_streams, identity_weight)
-  return (np.eye(num_streams, dtype=np.float32) * gap).reshape(-1)
+def _sinkhorn_bias(config) -> np.ndarray:
+  """A logit gap on the diagonal; with fractions, one on the same stream and one on the same
+  fraction: the logits of `S ⊗ F` (both with constant diagonals), Sinkhorn's fixed point."""
+  n, m = config.num_streams, config.num_fracs
+  same_stream = np.kron(np.eye(n, dtype=np.float32), np.ones((m, m), np.float32))
+  same_fraction = np.kron(np.ones((n, n), np.float32), np.eye(m, dtype=np.float32))
+  return (same_stream * identity_logit_gap(n, config.res_init_identity) +
+          same_fraction * identity_logit_gap(m, config.frac_init_identity)).reshape(-1)
 
 
-def _permutation_bias(num_streams: int, identity_weight: float) -> np.ndarray:
-  bias = np.zeros((math.factorial(num_streams),), np.float32)
-  bias[0] = identity_logit_gap(bias.size, identity_weight)
+def _permutation_bias(config) -> np.ndarray:
+  """The identity's weight `res_init_identity` among the permutations that keep every unit
+  in its fraction; with fractions, the others share `1 - frac_init_identity`."""
+  m, size = config.num_fracs, config.res_size
+  units = np.arange(size)
+  keeps = np.asarray([np.all(np.asarray(p) % m == units % m)
+                      for p in itertools.permutations(units)])
+  bias = np.zeros((keeps.size,), np.float32)
+  gap = identity_logit_gap(int(keeps.sum()), config.res_init_identity)
+  bias[0] = gap
+  if not keeps.all():
+    kept_mass = math.exp(gap) + keeps.sum() - 1  # the softmax's sum over those kept
+    bias[~keeps] = math.log((1 - config.frac_init_identity) * kept_mass /
+                            (config.frac_init_identity * np.sum(~keeps)))
   return bias
+
+
+def _size_name(config) -> str:
+  """What `config.res_size` is called in an error: the streams, or streams times fractions."""
+  return "num_streams" if config.num_fracs == 1 else "num_streams * num_fracs"
 
 
 def _permutation_mixture(logits: jax.Array, config) -> jax.Array:
   return jnp.einsum("...k,kij->...ij", jax.nn.softmax(logits, axis=-1),
-                    permutation_matrices(config.num_streams), precision=_HIGHEST)
+                    permutation_matrices(config.res_size), precision=_HIGHEST)
 
 
 def _check_permutation_streams(config) -> None:
-  if config.num_streams > MAX_PERMUTATION_STREAMS:
-    raise ValueError(f"num_streams must be <= {MAX_PERMUTATION_STREAMS} with "
-                     f"res_mapping='permutations' (n! mixtures), got {config.num_streams}")
+  if config.res_size > MAX_PERMUTATION_STREAMS:
+    raise ValueError(f"{_size_name(config)} must be <= {MAX_PERMUTATION_STREAMS} with "
+                     f"res_mapping='permutations' (n! mixtures), got {config.res_size}")
 
 
 RES_MAPPINGS: dict[str, ResMapping] = {
     "sinkhorn": ResMapping(
         num_logits=lambda n: n * n, init_bias=_sinkhorn_bias,
         h_res=lambda logits, config: sinkhorn_knopp(
-            _square(logits, config.num_streams), config.sinkhorn_iters,
+            _square(logits, config.res_size), config.sinkhorn_iters,
             eps=config.sinkhorn_eps, backend=config.sinkhorn_backend)),
     "permutations": ResMapping(
         num_logits=math.factorial, init_bias=_permutation_bias, h_res=_permutation_mixture,
         check=_check_permutation_streams,
-        matmul_flops=lambda config: 2 * math.factorial(config.num_streams) *
-        config.num_streams**2),
+        matmul_flops=lambda config: 2 * math.factorial(config.res_size) * config.res_size**2),
     "kromhc": ResMapping(
         num_logits=lambda n: 2 * kromhc_factors(n), init_bias=_kromhc_bias,
         h_res=lambda logits, config: kromhc(logits),
-        check=lambda config: kromhc_factors(config.num_streams)),
+        check=lambda config: kromhc_factors(config.res_size, _size_name(config))),
     "orthostochastic": ResMapping(
         num_logits=lambda n: n * n, init_bias=_orthostochastic_bias,
         h_res=lambda logits, config: orthostochastic(
-            _square(logits, config.num_streams),
+            _square(logits, config.res_size),
             NEWTON_SCHULZ_SCHEDULES[config.orthostochastic_schedule]),
         # Three [n, n] matmuls per step: X Xᵀ, A², (b A + c A²) X.
-        matmul_flops=lambda config: 3 * 2 * config.num_streams**3 *
+        matmul_flops=lambda config: 3 * 2 * config.res_size**3 *
         len(NEWTON_SCHULZ_SCHEDULES[config.orthostochastic_schedule])),
 }

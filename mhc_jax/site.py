@@ -16,7 +16,8 @@ class SiteContext(NamedTuple):
 
 
 class SiteMixin:
-  """Expects `self.config` (with num_streams, dim), `self._params()` and `self._record`."""
+  """Expects `self.config` (with num_streams, dim, num_fracs), `self._params()` and
+  `self._record`."""
 
   def compute_coefficients(self, streams: jax.Array) -> streams_lib.Coefficients:
     check_streams(streams, self.config.num_streams, self.config.dim)
@@ -26,7 +27,8 @@ class SiteMixin:
     """`[..., n, C]` -> (branch input `[..., C]`, context for `post`)."""
     coefficients = self.compute_coefficients(streams)
     self._record(coefficients)
-    return streams_lib.aggregate(streams, coefficients.h_pre), SiteContext(streams, coefficients)
+    branch_input = streams_lib.aggregate(streams, coefficients.h_pre, self.config.num_fracs)
+    return branch_input, SiteContext(streams, coefficients)
 
   def post(self, branch_output: jax.Array, ctx: SiteContext) -> jax.Array:
     """Branch output `[..., C]` and the context from `pre` -> new streams `[..., n, C]`."""
@@ -34,7 +36,7 @@ class SiteMixin:
     if tuple(branch_output.shape) != tuple(expected):
       raise ValueError(f"branch_output must have shape {tuple(expected)} (the streams' "
                        f"batch shape and dim), got {tuple(branch_output.shape)}")
-    return streams_lib.merge(ctx.streams, branch_output, ctx.coefficients)
+    return streams_lib.merge(ctx.streams, branch_output, ctx.coefficients, self.config.num_fracs)
 
   def __call__(self, streams: jax.Array, branch_fn: Callable[[jax.Array], jax.Array]):
     """One residual site: `H_res X + H_post^T branch_fn(H_pre X)`."""

@@ -7,6 +7,14 @@ The update of one site (attention or MLP), in the mHC paper's notation:
 `aggregate` is `H_pre @ X`, `merge` is the rest. Mixing runs in float32 (float64 streams stay
 float64) and returns the streams' dtype.
 
+With `num_fracs = m > 1` (Frac-connections, Zhu et al., arXiv:2503.14125) every stream's `dim`
+is split into `m` fractions of `d = dim / m` channels, fraction `f` being channels
+`[f d, (f + 1) d)` (lucidrains' `(f d)`), and the site mixes the `N = n m` fraction units of
+`d` channels, unit `u = s m + f` (stream-major, so `[..., n, dim]` -> `[..., N, d]` is a plain
+reshape): the branch input's fraction `j` is `sum_u H_pre[j, u] X_u` (`H_pre` `[m, N]`), unit
+`u` receives `sum_j H_post[u, j] F_j` (`H_post` `[N, m]`), and `H_res` is `[N, N]`. The
+branch still takes and returns `[..., dim]`, its fractions concatenated.
+
 Every contraction over the stream axis asks for HIGHEST precision explicitly. At DEFAULT, the
 one `jax.default_matmul_precision` governs, TPUs multiply float32 in one bfloat16 pass (GPUs
 in TF32): the identity path `H_res @ X` would then be rounded to 8 mantissa bits at every
@@ -30,6 +38,9 @@ class Coefficients(NamedTuple):
   h_pre:  [..., n]     weights that collapse the streams into the branch input.
   h_post: [..., n]     weights that spread the branch output back over the streams.
   h_res:  [..., n, n]  stream mixing, applied as `H_res @ X` (row k = output stream k).
+
+  With `m > 1` fractions (see the module docstring) they are `[..., m, N]`, `[..., N, m]` and
+  `[..., N, N]` over the `N = n m` fraction units.
   """
 
   h_pre: jax.Array
@@ -37,10 +48,11 @@ class Coefficients(NamedTuple):
   h_res: jax.Array
 
 
-def mixing_flops(num_streams: int, dim: int) -> int:
+def mixing_flops(num_streams: int, dim: int, num_fracs: int = 1) -> int:
   """Forward matmul FLOPs per token of one site's mixing: `H_res @ X` (2 n² C), then
-  `H_pre @ X` and `H_post^T F` (2 n C each)."""
-  return 2 * num_streams**2 * dim + 4 * num_streams * dim
+  `H_pre @ X` and `H_post^T F` (2 n C each); m times that with `m` fractions (`N = n m` units
+  of `C / m` channels: 2 N² C / m, and `[m, N]`, `[N, m]` maps, 2 N C each)."""
+  return num_fracs * (2 * num_streams**2 * dim + 4 * num_streams * dim)
 
 
 def expand_streams(x: jax.Array, num_streams: int) -> jax.Array:
@@ -54,6 +66,19 @@ def reduce_streams(streams: jax.Array) -> jax.Array:
   if streams.ndim < 2:
     raise ValueError(f"streams must have shape [..., num_streams, dim], got {streams.shape}")
   return jnp.sum(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+
+
+def embed_streams(x: jax.Array, offsets: jax.Array) -> jax.Array:
+  """`[..., dim]`, `[num_streams, dim]` -> `[..., num_streams, dim]`: the input copied into
+  every stream plus that stream's learned offset (lucidrains' `StreamEmbed`, its
+  `add_stream_embed`), so the streams can differ from the first layer on. Added in float32
+  (float64 stays float64), returned in `x`'s dtype; `expand_streams` at zero offsets."""
+  offsets_shape = tuple(getattr(offsets, "shape", ()))
+  if len(offsets_shape) != 2 or offsets_shape[-1] != x.shape[-1]:
+    raise ValueError(f"offsets must have shape [num_streams, dim={x.shape[-1]}] (x's last "
+                     f"axis), got {offsets_shape}")
+  dtype = _mixing_dtype(x, offsets)
+  return (x.astype(dtype)[..., None, :] + offsets.astype(dtype)).astype(x.dtype)
 
 
 def _mixing_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -76,20 +101,27 @@ def _sum_to(grad: jax.Array, like: jax.Array) -> jax.Array:
 # in the backward, where every product is still float32 and every contraction HIGHEST.
 
 
-@jax.custom_vjp
-def aggregate(streams: jax.Array, h_pre: jax.Array) -> jax.Array:
-  """`H_pre @ X`: `[..., n, dim]`, `[..., n]` -> `[..., dim]` (the branch input).
+def aggregate(streams: jax.Array, h_pre: jax.Array, num_fracs: int = 1) -> jax.Array:
+  """`H_pre @ X`: `[..., n, dim]`, `[..., n]` -> `[..., dim]` (the branch input); with
+  `num_fracs = m > 1`, `H_pre` is `[..., m, n m]` over the fraction units (module docstring).
 
   Leading axes broadcast (static coefficients have none). Computes in float32 (float64 stays
   float64), returns the streams' dtype; the gradients have the inputs' dtypes.
   """
+  if num_fracs == 1:
+    return _aggregate(streams, h_pre)
+  return _fraction_aggregate(streams, h_pre)
+
+
+@jax.custom_vjp
+def _aggregate(streams: jax.Array, h_pre: jax.Array) -> jax.Array:
   dtype = _mixing_dtype(streams, h_pre)
   out = jnp.einsum("...n,...nc->...c", h_pre, streams.astype(dtype), precision=_HIGHEST)
   return out.astype(streams.dtype)
 
 
 def _aggregate_fwd(streams, h_pre):
-  return aggregate(streams, h_pre), (streams, h_pre)
+  return _aggregate(streams, h_pre), (streams, h_pre)
 
 
 def _aggregate_bwd(residuals, g):
@@ -101,16 +133,19 @@ def _aggregate_bwd(residuals, g):
   return _sum_to(d_streams, streams), _sum_to(d_h_pre, h_pre)
 
 
-aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
+_aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
-def merge(streams: jax.Array, branch_output: jax.Array, coefficients: Coefficients) -> jax.Array:
-  """`H_res @ X + H_post^T F`: `[..., n, dim]`, `[..., dim]` -> `[..., n, dim]`.
+def merge(streams: jax.Array, branch_output: jax.Array, coefficients: Coefficients,
+          num_fracs: int = 1) -> jax.Array:
+  """`H_res @ X + H_post^T F`: `[..., n, dim]`, `[..., dim]` -> `[..., n, dim]`; with
+  `num_fracs = m > 1`, over the fraction units (module docstring).
 
   Leading axes broadcast (static coefficients have none). Computes in float32 (float64 stays
   float64), returns the streams' dtype; the gradients have the inputs' dtypes.
   """
-  return _merge(streams, branch_output, coefficients.h_post, coefficients.h_res)
+  mix = _merge if num_fracs == 1 else _fraction_merge
+  return mix(streams, branch_output, coefficients.h_post, coefficients.h_res)
 
 
 @jax.custom_vjp
@@ -141,3 +176,42 @@ def _merge_bwd(residuals, g):
 
 
 _merge.defvjp(_merge_fwd, _merge_bwd)
+
+
+# ---- Frac-connections: the same mixing over the `N = n m` fraction units
+
+
+def _units(streams: jax.Array, num_fracs: int) -> jax.Array:
+  """`[..., n, dim]` -> `[..., n m, dim / m]`: unit `s m + f` is fraction f of stream s."""
+  *lead, n, dim = streams.shape
+  return streams.reshape(*lead, n * num_fracs, dim // num_fracs)
+
+
+def _keeping_inputs(fn):
+  """`fn` with a custom VJP that keeps only its inputs, as given (the streams in their own
+  dtype, as `_aggregate` and `_merge` do), and differentiates `fn` again in the backward: its
+  few contractions, `n m` deep, are cheap to redo, and XLA drops the unused forward."""
+  wrapped = jax.custom_vjp(fn)
+  wrapped.defvjp(lambda *args: (fn(*args), args), lambda args, g: jax.vjp(fn, *args)[1](g))
+  return wrapped
+
+
+@_keeping_inputs
+def _fraction_aggregate(streams, h_pre):
+  num_fracs = h_pre.shape[-2]
+  dtype = _mixing_dtype(streams, h_pre)
+  units = _units(streams, num_fracs).astype(dtype)
+  out = jnp.einsum("...ju,...uc->...jc", h_pre, units, precision=_HIGHEST)
+  return out.reshape(*out.shape[:-2], -1).astype(streams.dtype)
+
+
+@_keeping_inputs
+def _fraction_merge(streams, branch_output, h_post, h_res):
+  num_fracs = h_post.shape[-1]
+  dtype = _mixing_dtype(streams, h_post, h_res)
+  units = _units(streams, num_fracs).astype(dtype)
+  fractions = branch_output.reshape(*branch_output.shape[:-1], num_fracs, -1).astype(dtype)
+  mixed = jnp.einsum("...uv,...vc->...uc", h_res, units, precision=_HIGHEST)
+  spread = jnp.einsum("...uj,...jc->...uc", h_post, fractions, precision=_HIGHEST)
+  out = mixed + spread
+  return out.reshape(*out.shape[:-2], *streams.shape[-2:]).astype(streams.dtype)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax.lm import decode, generate, retrofit
 from mhc_jax.lm.model import ModelConfig, Transformer
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.sharding import BATCH_AXES, MeshConfig, make_mesh, named, param_specs
 from random_models import far_from_init
 
@@ -29,7 +29,7 @@ XLA_O0_NEWTON_SCHULZ = pytest.mark.xfail(
     "xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", ""), strict=True,
     reason="XLA:CPU -O0 miscomputes Newton-Schulz on a size-1 batch")
 VARIANTS = [pytest.param(v, marks=XLA_O0_NEWTON_SCHULZ) if v == "mhc_ortho" else v
-            for v in [*RESIDUALS, "hc_static"]]  # static HC: hc with hc_dynamic=False
+            for v in [*RESIDUALS, "hc_static"]]  # static HC: hc with HC.dynamic = False
 # Cached logits against the full forward's, relative to the largest logit: float32 rounding
 # (measured at most 3.7e-6, hc unrolled; 2.8e-7 for the retrofitted Qwen3), and bfloat16's
 # 8 mantissa bits (measured 0 in three cases, 1.5e-2 for prenorm unrolled: 4 of its ulps).
@@ -43,9 +43,9 @@ def random_model(variant: str = "mhc", **overrides) -> Transformer:
   and the logits spread. Drawn in numpy: no random program to compile."""
   static_hc = variant == "hc_static"
   cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                    mlp_dim=64, residual="hc" if static_hc else variant,
-                    hc_dynamic=not static_hc, remat="none", sinkhorn_iters=4,
-                    tie_embeddings=False, **overrides)
+                    mlp_dim=64, remat="none", tie_embeddings=False, **overrides)
+  cfg = (with_residual(cfg, "hc", dynamic=False) if static_hc
+         else with_residual(cfg, variant, **({"sinkhorn_iters": 4} if variant == "mhc" else {})))
   return far_from_init(cfg)
 
 

@@ -146,3 +146,37 @@ def test_damaged_shard_index_fails_in_one_line_naming_it(tmp_path):
   with pytest.raises(ValueError) as err:
     load_hf_checkpoint(folder)
   assert_one_line(err, f"{folder / 'model.safetensors.index.json'} is not JSON: ")
+
+
+def write_safetensors(path: pathlib.Path, header: dict, data: bytes) -> None:
+  """A safetensors file of exactly `header` (JSON) and `data`."""
+  text = json.dumps(header).encode()
+  path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_a_tensor_of_integers_fails_in_one_line_naming_it(tmp_path):
+  folder = copy_fixture(tmp_path, "qwen3")
+  tensors = load_file(folder / "model.safetensors")
+  tensors["model.norm.weight"] = tensors["model.norm.weight"].astype(np.int64)
+  save_file(tensors, folder / "model.safetensors")
+  with pytest.raises(ValueError) as err:
+    load_hf_checkpoint(folder)
+  assert_one_line(err, "tensor model.norm.weight in model.safetensors is I64: only F64, F32, "
+                  "F16, BF16 tensors load; convert the checkpoint to bfloat16 or float32")
+
+
+@pytest.mark.parametrize("header, data, why", [
+    ({"model.norm.weight": {"dtype": "F32", "shape": [4]}}, b"\0" * 16,
+     "its header entry 'model.norm.weight' is no tensor's"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}},
+     b"\0" * 16, "tensor model.norm.weight F32 [4] at bytes 0..12 of 16"),
+    (["not", "an", "object"], b"", "its header is no JSON object"),
+])
+def test_a_header_that_cannot_describe_its_tensors_fails_in_one_line(tmp_path, header, data,
+                                                                     why):
+  folder = copy_fixture(tmp_path, "qwen3")
+  write_safetensors(folder / "model.safetensors", header, data)
+  with pytest.raises(ValueError) as err:
+    load_hf_checkpoint(folder)
+  assert_one_line(err, f"{folder / 'model.safetensors'} is not a valid safetensors file "
+                  f"({why}): it is damaged or incomplete; download it again")

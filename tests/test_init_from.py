@@ -22,14 +22,14 @@ from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.pretrained import difference, load_params
+from mhc_jax.lm.residuals import with_residual
 from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS
 from mhc_jax.lm.train import train
 from mhc_jax.lm.train_state import LoopConfig
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
-# remat off and 4 Sinkhorn iterations: they only cost compile time here.
-TINY = ModelConfig(d_model=32, num_layers=2, num_heads=4, mlp_dim=64, remat="none",
-                   sinkhorn_iters=4)
+# remat off: it only costs compile time here.
+TINY = ModelConfig(d_model=32, num_layers=2, num_heads=4, mlp_dim=64, remat="none")
 
 
 def run(workdir, corpus, *, steps, model=TINY, init_from=None, checkpoint_every=1000):
@@ -281,11 +281,12 @@ def test_difference_names_the_fields_in_force_that_fix_the_function():
                                               scan_layers=False, remat="full")) is None
   assert difference(TINY, dataclasses.replace(mhc, d_model=64)) == (
       "residual=prenorm d_model=32", "residual=mhc d_model=64")
-  assert difference(mhc, dataclasses.replace(mhc, num_streams=2, sinkhorn_iters=8)) == (
-      "num_streams=4 sinkhorn_iters=4", "num_streams=2 sinkhorn_iters=8")
+  assert difference(mhc, with_residual(mhc, "mhc", num_streams=2, sinkhorn_iters=8)) == (
+      "MHC.num_streams=4 MHC.sinkhorn_iters=20", "MHC.num_streams=2 MHC.sinkhorn_iters=8")
+  # Its backend changes how it runs, not what it computes.
+  assert difference(mhc, with_residual(mhc, "mhc", sinkhorn_backend="xla")) is None
   # Sinkhorn's iterations belong to mHC alone.
-  assert difference(mhc, dataclasses.replace(mhc, residual="hc", sinkhorn_iters=8)) == (
-      "residual=mhc", "residual=hc")
+  assert difference(mhc, with_residual(mhc, "hc")) == ("residual=mhc", "residual=hc")
 
 
 def test_stream_model_continues_only_as_its_own_variant(widened):
@@ -294,10 +295,10 @@ def test_stream_model_continues_only_as_its_own_variant(widened):
              "ModelConfig.residual = 'mhc'")
   with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
     load_params(str(workdir), dataclasses.replace(TINY, residual="hc"), 0)
-  with pytest.raises(ValueError, match="ModelConfig.num_streams is 2, .* has 4: set "
-                                       "ModelConfig.num_streams = 4$"):
-    load_params(str(workdir), dataclasses.replace(TINY, residual="mhc", num_streams=2,
-                                                  stream_reduction="mean"), 0)
+  with pytest.raises(ValueError, match="MHC.num_streams is 2, .* has 4: set "
+                                       "MHC.num_streams = 4$"):
+    load_params(str(workdir), dataclasses.replace(
+        with_residual(TINY, "mhc", num_streams=2), stream_reduction="mean"), 0)
 
 
 @pytest.mark.parametrize("how", ["truncated", "random_bytes"])

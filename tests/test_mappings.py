@@ -144,11 +144,12 @@ def permutations_reference(logits, n):
 
 
 def reference_h_res(cfg: MHCConfig, logits):
-  """`[..., R]` -> `[..., n, n]`, float64, for `cfg.res_mapping`."""
+  """`[..., R]` -> `[..., n, n]`, float64, for `cfg.res_mapping` (n: `cfg.res_size`, the
+  streams times the fractions)."""
   if cfg.res_mapping == "sinkhorn":
     return sinkhorn_reference(square(logits), cfg.sinkhorn_iters, cfg.sinkhorn_eps)
   if cfg.res_mapping == "permutations":
-    return permutations_reference(logits, cfg.num_streams)
+    return permutations_reference(logits, cfg.res_size)
   if cfg.res_mapping == "kromhc":
     return jnp.vectorize(kromhc_reference, signature="(r)->(n,n)")(logits)
   one = {"converged": polar_square_reference,

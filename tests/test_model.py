@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer, from_params, layer_params
 from mhc_jax.site import SiteMixin
 from mhc_jax.lm.train_state import _h_res_per_sublayer, cross_entropy
@@ -136,7 +136,7 @@ def test_scanned_program_does_not_grow_with_depth():
 
 
 def test_layer_dependent_initialisation_survives_stacking():
-  cfg = small(residual="mhc", num_layers=4, num_streams=4)
+  cfg = small(residual="mhc", num_layers=4)
   scanned = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))["blocks"]
   unrolled = nnx.to_pure_dict(nnx.state(Transformer(dataclasses.replace(cfg, scan_layers=False),
                                                     rngs=nnx.Rngs(0))))["blocks"]
@@ -186,7 +186,7 @@ def perturbed_layouts(cfg: ModelConfig) -> tuple[Transformer, Transformer]:
 @pytest.mark.parametrize("residual,dynamic", [("mhc", True), ("hc", True), ("hc", False)])
 def test_sown_h_res_comes_out_per_sub_layer_in_depth_order(residual, dynamic):
   batch = tokens(5)
-  cfg = small(residual=residual, hc_dynamic=dynamic)
+  cfg = with_residual(small(), residual, **({} if dynamic else {"dynamic": False}))
   unrolled, scanned = perturbed_layouts(cfg)
   # Depth order: sub-layer 2l is layer l's attention site, 2l + 1 its MLP site.
   expected = np.asarray(sown(unrolled, batch, h_res_by_site_path))
@@ -263,3 +263,24 @@ def test_from_params_moves_a_model_between_layouts_and_refuses_a_misshapen_array
                      r"the model's is \(32, 64\)") as err:
     from_params(unrolled.cfg, top, layers)
   assert "\n" not in str(err.value)
+
+
+def test_stream_embedding_starts_at_zero_then_sets_the_streams_apart():
+  cfg = small(residual="mhc", stream_embed=True)
+  model, plain = (Transformer(c, rngs=nnx.Rngs(0)) for c in (cfg, small(residual="mhc")))
+  batch = tokens(7)
+  # Zero offsets at the start: the model without them, to the bit.
+  np.testing.assert_array_equal(model(batch), plain(batch))
+  offsets = jax.random.normal(jax.random.key(3), (cfg.num_streams, cfg.d_model))
+  model.stream_embed.offsets[...] = offsets
+  embedded = jnp.take(model.embed[...], batch, axis=0) * np.sqrt(cfg.d_model)
+  np.testing.assert_allclose(model._embed(batch), embedded[..., None, :] + offsets, rtol=1e-6)
+  assert not np.allclose(model(batch), plain(batch), atol=1e-3)
+  # The offsets train: their gradient is per stream, not one shared value.
+  grads = nnx.grad(lambda m: cross_entropy(m(batch[:, :-1]), batch[:, 1:]))(model)
+  per_stream = np.asarray(grads.stream_embed.offsets[...])
+  assert per_stream.shape == (cfg.num_streams, cfg.d_model)
+  assert not np.allclose(per_stream[0], per_stream[1])
+  with pytest.raises(ValueError, match="^stream_embed needs a variant with streams; residual "
+                                       "'prenorm' has none: set stream_embed = False$"):
+    small(stream_embed=True)

@@ -25,8 +25,7 @@ def test_cosine_warms_up_then_decays_to_final_ratio():
 
 
 def test_weight_decay_spares_norms_gates_and_static_hc_params():
-  cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, residual="hc",
-                    hc_dynamic=True)
+  cfg = ModelConfig(d_model=16, num_layers=1, num_heads=2, mlp_dim=32, residual="hc")
   mask = decay_mask(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0))))
   unrolled = decay_mask(nnx.state(Transformer(dataclasses.replace(cfg, scan_layers=False),
                                               rngs=nnx.Rngs(0))))

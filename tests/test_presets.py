@@ -9,6 +9,7 @@ import pytest
 
 from mhc_jax.lm import presets
 from mhc_jax.lm.model import ModelConfig
+from mhc_jax.lm.residuals import MHC
 from mhc_jax.lm.train_state import LoopConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -19,10 +20,29 @@ def test_files_then_bindings_build_every_config():
                                 ["LoopConfig.steps = 7", 'DataConfig.source = ("a", "b")'])
   assert set(configs) == set(presets.CONFIG_CLASSES)
   assert configs["model"] == ModelConfig(d_model=128, num_layers=4, num_heads=4, mlp_dim=512,
-                                         residual="mhc", num_streams=4)
+                                         residual="mhc")
   assert configs["loop"].steps == 7 and configs["loop"].eval_every == 150
   assert configs["data"].source == ("a", "b") and configs["data"].seq_len == 128
   assert "LoopConfig.steps = 7" in text and "ModelConfig.residual = 'mhc'" in text
+
+
+@pytest.mark.parametrize("preset", sorted(presets.PRESET_DIR.glob("residual/*.gin")))
+def test_the_residual_presets_bind_their_variants_settings(preset):
+  model = presets.parse([str(preset)], ["ModelConfig.d_model = 32"])[0]["model"]
+  assert preset.stem == model.residual
+  settings = type(model.residual_settings).__name__ if model.uses_streams else None
+  bound = [line.split(".")[0] for line in preset.read_text().splitlines()
+           if line and not line.startswith(("#", "ModelConfig.residual"))]
+  assert set(bound) == ({settings} if settings else set())
+
+
+def test_a_variants_settings_come_from_its_bindings():
+  model = presets.parse([], ['ModelConfig.residual = "mhc"', "MHC.sinkhorn_iters = 7",
+                             "MHC.num_streams = 2", "HC.num_streams = 4"])[0]["model"]
+  assert model.residual_settings == MHC(num_streams=2, sinkhorn_iters=7)
+  # Another variant's class bound to its default changes nothing, and is no error.
+  with pytest.raises(presets.GinError, match="^HC.dynamic is bound, but"):
+    presets.parse([], ['ModelConfig.residual = "mhc"', "HC.dynamic = False"])
 
 
 def test_calls_do_not_see_each_others_bindings():

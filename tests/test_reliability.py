@@ -377,10 +377,18 @@ BAD_INPUTS = [
     Case("unknown_configurable", "No configurable matching 'NoSuchThing'",
          {"NoSuchThing.value": 3}),
     Case("unknown_residual", "residual .* 'resnet'", {"ModelConfig.residual": "resnet"}),
-    Case("zero_streams", "num_streams must be an int >= 1, got 0", {
-        "ModelConfig.residual": "mhc", "ModelConfig.num_streams": 0}),
+    Case("zero_streams", "MHC.num_streams must be an int >= 1, got 0", {
+        "ModelConfig.residual": "mhc", "MHC.num_streams": 0}),
     Case("too_many_streams_for_mhc_lite", "num_streams must be <= 6 .* got 7", {
-        "ModelConfig.residual": "mhc_lite", "ModelConfig.num_streams": 7}),
+        "ModelConfig.residual": "mhc_lite", "MHCLite.num_streams": 7}),
+    Case("old_flat_setting", "ModelConfig.sinkhorn_iters is now a setting of the residual "
+         "variant: bind MHC.sinkhorn_iters", {"ModelConfig.sinkhorn_iters": 10}),
+    Case("settings_of_another_variant", "MHC.sinkhorn_iters is bound, but ModelConfig.residual "
+         "is 'hc', which does not read it: remove the binding, or set ModelConfig.residual = "
+         "'mhc'", {"ModelConfig.residual": "hc", "MHC.sinkhorn_iters": 10}),
+    Case("streams_of_another_variant", "MHC.num_streams is bound, but ModelConfig.residual "
+         "is 'hc', which does not read it: bind HC.num_streams", {
+             "ModelConfig.residual": "hc", "MHC.num_streams": 2}),
     Case("d_model_not_divisible_by_heads", r"d_model \(30\) .* num_heads \(4\)",
          {"ModelConfig.d_model": 30}),
     Case("unknown_dtype", "dtype .* 'float8'", {"ModelConfig.dtype": "float8"}),

@@ -236,10 +236,13 @@ def test_tokenbender_schedule_starts_off_the_doubly_stochastic_set():
 DEPTH = 64
 
 
-def random_layers_h_res(res, n, scale):
-  """H_res `[64, tokens, n, n]` of 64 sites with every parameter randomised (their own
-  phi, alpha and bias), through which bfloat16 streams of size `scale` flow."""
-  graphdef, params = nnx.split(site(res, n, sow_coefficients=True))
+def random_layers_h_res(res, n, scale, **options):
+  """H_res `[64, tokens, N, N]` of 64 sites (`N = n num_fracs`) with every parameter
+  randomised (their own phi, alpha and bias), through which bfloat16 streams of size
+  `scale` flow."""
+  module = site(res, n, sow_coefficients=True, **options)
+  size = module.config.res_size
+  graphdef, params = nnx.split(module)
   params = nnx.to_pure_dict(params)
   stacked = {name: value + jax.random.normal(jax.random.fold_in(jax.random.key(0), i),
                                              (DEPTH, *value.shape))
@@ -256,7 +259,7 @@ def random_layers_h_res(res, n, scale):
   streams, h_res = jax.jit(lambda s, w, x: jax.lax.scan(
       sublayer, mhc_jax.expand_streams(x, n), (s, w)))(stacked, weights, x)
   assert streams.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(streams)))
-  assert h_res.dtype == jnp.float32 and h_res.shape == (DEPTH, 32, n, n)
+  assert h_res.dtype == jnp.float32 and h_res.shape == (DEPTH, 32, size, size)
   return h_res
 
 

@@ -1,6 +1,7 @@
 """experiments.retrofit and its task: the word problems (deterministic, disjoint splits, right
-answers), the exact-match extraction, batched greedy decoding against a plain loop, the
-scoring, the verdicts, the settings, and one micro run of the whole pipeline."""
+answers), their lm-eval task (prompts, the strict-match number, exact match, lm-eval's
+decoding of the model against a plain loop), the verdicts, the settings, and one micro run of
+the whole pipeline."""
 
 import json
 import math
@@ -10,16 +11,23 @@ import re
 import subprocess
 import sys
 
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
+# No network: lm-eval reads the task's jsonl files through `datasets`, which must not look
+# anything up on the Hub. Set before `datasets` is imported (it reads them once).
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+os.environ.update(OFFLINE)
 
-from experiments import retrofit, word_problems
-from experiments.word_problems import TaskConfig
-from mhc_jax.lm.model import ModelConfig, Transformer
-from mhc_jax.lm.sample import greedy_continuations
-from mhc_jax.lm.tokenizer import EOS, encode
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+from lm_eval.api.model import LM  # noqa: E402
+from lm_eval.models.utils import postprocess_generated_text  # noqa: E402
+
+from experiments import retrofit, word_problems  # noqa: E402
+from experiments.word_problems import TaskConfig  # noqa: E402
+from mhc_jax.lm.harness import MhcJaxLM  # noqa: E402
+from mhc_jax.lm.model import ModelConfig, Transformer  # noqa: E402
+from mhc_jax.lm.tokenizer import EOS, ByteTokenizer, decode, encode  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMALL = TaskConfig(seed=3, num_train=400, num_test=60)
@@ -64,25 +72,66 @@ def test_documents_hold_the_train_split_in_order(tmp_path):
   assert "".join(f.read_text() for f in files) == "".join(p.text for p in task.train)
 
 
-def test_prompts_are_train_shots_then_the_question():
+class ScriptedLM(LM):
+  """Continues each prompt with `reply(index of its test problem)`, cut at the request's stop
+  strings as a model's text is."""
+
+  def __init__(self, task: word_problems.Task, reply):
+    super().__init__()
+    self.index = {p.question: i for i, p in enumerate(task.test)}
+    self.reply = reply
+
+  def generate_until(self, requests):
+    texts = []
+    for context, kwargs in (request.args for request in requests):
+      question = context.removesuffix(word_problems.ANSWER).rsplit("\n", 1)[-1]
+      texts.append(postprocess_generated_text(self.reply(self.index[question]),
+                                              kwargs["until"], None))
+    return texts
+
+  def loglikelihood(self, requests):
+    raise NotImplementedError("the task only generates")
+
+  loglikelihood_rolling = loglikelihood
+
+
+def scored(task, lm, tmp_path, shots=1) -> dict:
+  return word_problems.evaluate(lm, word_problems.write_lm_eval_task(task, tmp_path / "lm_eval"),
+                                shots)
+
+
+def test_prompts_are_train_shots_then_the_question(tmp_path):
   task = word_problems.make_task(SMALL)
-  prompts = word_problems.few_shot_prompts(task, shots=2, seed=0)
-  assert prompts == word_problems.few_shot_prompts(task, shots=2, seed=0)
+  lm = ScriptedLM(task, lambda i: " 1")
+  prompts = scored(task, lm, tmp_path, shots=2)["prompts"]
+  assert prompts == scored(task, lm, tmp_path, shots=2)["prompts"]
   assert len(prompts) == len(task.test)
   train_texts = {p.text for p in task.train}
   for prompt, problem in zip(prompts, task.test):
     assert prompt.endswith(problem.question + "\nAnswer:")
     shots = re.findall(r"[^\n]+\nAnswer: \d+\n", prompt[:-len(problem.question + "\nAnswer:")])
     assert len(shots) == 2 and set(shots) <= train_texts and shots[0] != shots[1]
-  assert word_problems.few_shot_prompts(task, 0, 0)[0] == task.test[0].question + "\nAnswer:"
+    assert "".join(shots) + problem.question + "\nAnswer:" == prompt
+    assert len(prompt.encode()) <= word_problems.longest_prompt(task, 2)
+  zero_shot = scored(task, lm, tmp_path, shots=0)["prompts"]
+  assert zero_shot[0] == task.test[0].question + "\nAnswer:"
 
 
-@pytest.mark.parametrize("continuation, number", [
+# What the model continues "Answer:" with -> the number strict-match takes, or none.
+CONTINUATIONS = [
     (" 12\n", "12"), ("12", "12"), (" 7\nQuestion", "7"), (" -3\n", "-3"), (" 07\n", "07"),
     (" 1 2\n", "1"), (" 12apples\n", "12"), ("\n12\n", None), (" twelve\n", None), ("", None),
-])
-def test_the_first_number_on_the_answer_line(continuation, number):
-  assert word_problems.extract_answer(continuation) == number
+]
+
+
+def test_strict_match_takes_the_first_number_on_the_answer_line(tmp_path):
+  task = word_problems.make_task(SMALL)
+  result = scored(task, ScriptedLM(task, lambda i: CONTINUATIONS[i % len(CONTINUATIONS)][0]),
+                  tmp_path)
+  for i, problem in enumerate(task.test):
+    number = CONTINUATIONS[i % len(CONTINUATIONS)][1]
+    assert result["answers"][i] == (number or "[invalid]"), CONTINUATIONS[i % len(CONTINUATIONS)]
+    assert result["correct"][i] == (number == str(problem.answer))
 
 
 def test_constant_answers_score_the_skew():
@@ -116,48 +165,35 @@ def slow_greedy(model, prompt: np.ndarray, num_tokens: int, width: int = 256) ->
   return tokens[len(prompt):]
 
 
-def test_batched_greedy_decoding_and_the_accuracy_equal_a_plain_loop():
+def test_lm_eval_decodes_and_scores_the_model_as_a_plain_loop(tmp_path):
   model = tiny_model()
   task = word_problems.make_task(TaskConfig(seed=3, num_train=50, num_test=7))
-  prompts = word_problems.few_shot_prompts(task, 1, 0)
-  slow = np.array([slow_greedy(model, encode(p), 3) for p in prompts])
   # 7 prompts of different lengths in batches of 3: padding within and after the batches.
-  batched = greedy_continuations(model, [encode(p) for p in prompts], 3, batch_size=3)
-  assert batched.dtype == np.int32
-  np.testing.assert_array_equal(batched, slow)
-  result = word_problems.evaluate(model, task, shots=1, seed=0, batch_size=3)
-  continuations = [word_problems.decode(word_problems.until_eos(row)) for row in slow]
+  result = scored(task, MhcJaxLM(model, ByteTokenizer(), max_length=256, batch_size=3), tmp_path)
+  continuations = []
+  for prompt in result["prompts"]:
+    tokens = slow_greedy(model, encode(prompt), word_problems.answer_tokens(task))
+    tokens = tokens[:tokens.index(EOS)] if EOS in tokens else tokens
+    continuations.append(decode(tokens).split("\n")[0])
   assert result["continuations"] == continuations
-  assert result["accuracy"] == np.mean([word_problems.extract_answer(c) == str(p.answer)
-                                        for c, p in zip(continuations, task.test)])
+  numbers = [re.search(r"-?\d+", c) for c in continuations]
+  assert result["correct"] == [float(bool(n) and n.group() == str(p.answer))
+                               for n, p in zip(numbers, task.test)]
+  assert result["accuracy"] == np.mean(result["correct"])
 
 
-def test_greedy_decoding_refuses_an_empty_prompt():
-  with pytest.raises(ValueError, match="no empty one"):
-    greedy_continuations(tiny_model(), [encode("a"), encode("")], 2)
-
-
-def test_scores_count_exact_matches(monkeypatch):
+def test_scores_count_exact_matches(tmp_path):
   task = word_problems.make_task(SMALL)
   n = len(task.test)
-
-  def fake_decoder(model, prompts, num_tokens, batch_size):
-    # Right for even problems; odd ones split the right digits with an EOS or add a zero.
-    assert len(prompts) == n and num_tokens == 3  # " 9\n": answers have one digit
-    rows = []
-    for i, p in enumerate(task.test):
-      digits = encode(f" {p.answer}")
-      rows.append(np.concatenate([digits, encode("\n")]) if i % 2 == 0 else
-                  np.concatenate([digits[:1], [EOS], digits[1:]]) if i % 4 == 1 else
-                  encode(f" {p.answer}0"))
-    return np.stack(rows)
-
-  monkeypatch.setattr(word_problems, "greedy_continuations", fake_decoder)
-  result = word_problems.evaluate(None, task, shots=2, seed=0)
+  # Right for even problems; odd ones add a zero or give the next number.
+  reply = lambda i: (f" {task.test[i].answer}\nMore" if i % 2 == 0 else
+                     f" {task.test[i].answer}0\n" if i % 4 == 1 else
+                     f" {task.test[i].answer + 1}\n")
+  result = scored(task, ScriptedLM(task, reply), tmp_path, shots=2)
   assert result["accuracy"] == 0.5
   assert result["stderr"] == pytest.approx(math.sqrt(0.25 * n / (n - 1)) / math.sqrt(n))
-  assert result["continuations"][0] == f" {task.test[0].answer}\n"
-  assert result["continuations"][1] == " "  # cut at the EOS
+  assert result["continuations"][0] == f" {task.test[0].answer}"  # cut at the line's end
+  assert result["correct"] == [float(i % 2 == 0) for i in range(n)]
 
 
 UNRESOLVED = "not resolved (within 2 SE of 0)"
@@ -243,7 +279,8 @@ finetune/LoopConfig.eval_every = 2
 
 def run_script(preset: str, out: pathlib.Path) -> subprocess.CompletedProcess:
   # A process of its own, as users run it: gin and JAX's compilation cache are global state.
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = {**os.environ, **OFFLINE, "JAX_PLATFORMS": "cpu",
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   return subprocess.run([sys.executable, "-m", "experiments.retrofit", "--preset", preset,
                          "--out", str(out), "--no_progress"], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
@@ -264,7 +301,9 @@ def test_micro_pipeline_then_reuse(tmp_path):
   assert list(summary["rows"]) == ["pretrained", "prenorm", "mhc"]
   for run in summary["runs"]:
     kept = json.loads((out / "runs" / run["run"] / retrofit.SCORES).read_text())
-    assert run["accuracy"] == kept["accuracy"] and len(kept["continuations"]) == 8
+    assert run["accuracy"] == kept["accuracy"] == np.mean(kept["correct"])
+    assert len(kept["continuations"]) == len(kept["prompts"]) == 8
+    assert kept["key"]["scored_by"] == word_problems.SCORED_BY
   assert set(summary["constant_answers"]) == {"train_majority", "best_constant"}
   assert [(c["row"], c["minus"]) for c in summary["comparisons"]] == [
       ("prenorm", "pretrained"), ("mhc", "prenorm")]

@@ -38,8 +38,7 @@ def pretrained(source: str, scan_layers: bool) -> Transformer:
     from mhc_jax.lm import load_hf_checkpoint
     return load_hf_checkpoint(QWEN3, scan_layers=scan_layers)
   cfg = ModelConfig(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, mlp_dim=64,
-                    tie_embeddings=False, scan_layers=scan_layers, remat="none",
-                    sinkhorn_iters=4)
+                    tie_embeddings=False, scan_layers=scan_layers, remat="none")
   return far_from_init(cfg)
 
 
@@ -109,7 +108,7 @@ def test_own_model_keeps_its_logits_then_fine_tuning_moves_every_new_parameter(r
   assert not stuck, f"never moved in 3 steps: {stuck}"
   # Only the zero-started factors of a product may wait for step 2 to move.
   waited = {name.split("/")[-1] for name in start if np.array_equal(start[name], first[name])}
-  allowed = SECOND_STEP[type(RESIDUAL_TABLE[residual].site_config(streams.cfg, 0))]
+  allowed = SECOND_STEP[type(RESIDUAL_TABLE[residual].site(streams.cfg, 0))]
   assert waited <= allowed, f"still at step 1: {waited - allowed}"
 
 
@@ -129,7 +128,8 @@ def test_mhc_sites_start_static_with_unit_pre_and_post(residual):
 @pytest.mark.parametrize("kwargs,match", [
     ({"residual": "postnorm"}, f"retrofit residual must be one of {', '.join(RESIDUALS)}; got "
      "'postnorm'"),
-    ({"residual": "mhc", "num_streams": 1}, "retrofit num_streams must be an int >= 2"),
+    ({"residual": "mhc", "num_streams": 1}, r"retrofit needs num_streams \* num_fracs >= 2 "
+     r"\(one stream of one fraction is the pre-norm model\), got num_streams=1, num_fracs=1$"),
 ])
 def test_bad_arguments_are_one_line(kwargs, match):
   model = pretrained("own", True)
@@ -142,3 +142,11 @@ def test_only_prenorm_models_are_retrofitted():
   model = retrofit(pretrained("own", True), "hc")
   with pytest.raises(ValueError, match="retrofit needs a prenorm model, got residual='hc'"):
     retrofit(model, "mhc")
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_a_retrofit_with_a_stream_embedding_keeps_the_logits(scan_layers):
+  streams = retrofit(pretrained("hf", scan_layers), "mhc", stream_embed=True)
+  assert streams.cfg.stream_embed and streams.cfg.num_streams == 4
+  np.testing.assert_array_equal(streams.stream_embed.offsets[...], np.zeros((4, 32)))
+  assert_same_logits(streams, "hf", scan_layers)

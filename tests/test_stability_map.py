@@ -77,7 +77,7 @@ def check_summary(out: pathlib.Path) -> None:
   assert set(runs[0]) >= {"variant", "depth", "learning_rate", "seed", "final_train_loss",
                           "final_eval_loss", "diverged", "skipped_updates"}
   assert summary["settings"]["loop"]["nonfinite"] == "skip"
-  assert summary["settings"]["model"]["num_streams"] == 2
+  assert summary["settings"]["num_streams"] == 2
   for run in runs:
     last = read_metrics(out / "runs" / run["run"])[-1]
     assert last["step"] == 3 and run["skipped_updates"] == last["skipped_steps"]

@@ -178,3 +178,81 @@ def test_mixing_keeps_the_streams_in_their_own_dtype_for_the_backward(dtype):
   # aggregate: X and H_pre; merge: X, F (1/n of X), H_post, H_res.
   assert stream_bytes <= aggregate_saved < 1.05 * stream_bytes
   assert 1.25 * stream_bytes <= merge_saved < 1.35 * stream_bytes
+
+
+# ---- stream embeddings: learned per-stream offsets added as the embedding is expanded
+
+
+def embed_reference(x, offsets):
+  """lucidrains' `StreamEmbed(expand_to_streams=True)`: copies of x, stream s plus row s."""
+  return x[..., None, :] + offsets
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_streams_values_and_gradients_match_float64(dtype):
+  x, offsets = random(30, (2, 3, C)).astype(dtype), random(31, (N, C))
+  out, pullback = jax.vjp(mhc_jax.embed_streams, x, offsets)
+  cotangent = random(32, out.shape).astype(dtype)
+  grads = pullback(cotangent)
+  with jax.enable_x64(True):
+    to64 = lambda a: jnp.asarray(a, jnp.float64)
+    ref, ref_pullback = jax.vjp(embed_reference, to64(x), to64(offsets))
+    ref_grads = ref_pullback(to64(cotangent))  # d x: the sum over streams; d offsets: tokens
+  assert out.dtype == dtype and out.shape == (2, 3, N, C)
+  assert grads[0].dtype == dtype and grads[1].dtype == jnp.float32
+  if dtype == jnp.float32:  # one float32 addition: the float64 sum, rounded once
+    np.testing.assert_array_equal(out, ref.astype(jnp.float32))
+  else:
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2**-8)
+  assert rel_err(grads[1], ref_grads[1]) < 1e-6
+  assert rel_err(grads[0], ref_grads[0]) < (1e-6 if dtype == jnp.float32 else 2**-8)
+
+
+def test_embed_streams_at_zero_offsets_is_expand_streams():
+  x = random(33, (5, C)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(mhc_jax.embed_streams(x, jnp.zeros((N, C))),
+                                mhc_jax.expand_streams(x, N))
+
+
+@pytest.mark.parametrize("offsets", [jnp.zeros((C,)), jnp.zeros((N, C + 1)),
+                                     jnp.zeros((1, N, C))])
+def test_embed_streams_names_offsets_of_the_wrong_shape(offsets):
+  with pytest.raises(ValueError, match=r"offsets must have shape \[num_streams, dim=8\]"):
+    mhc_jax.embed_streams(jnp.zeros((2, C)), offsets)
+
+
+def test_stream_embedding_modules_start_at_zero_agree_and_are_not_decayed():
+  from mhc_jax.lm.optimizer import decay_mask  # the LM's rule: matrices decay unless tagged
+  module = mhc_jax.StreamEmbedding(N, C)
+  np.testing.assert_array_equal(module.offsets[...], np.zeros((N, C)))  # lucidrains' start
+  module.offsets[...] = random(34, (N, C))
+  x = random(35, (2, 3, C))
+  linen_module = mhc_jax.linen.StreamEmbedding(module.config)
+  fresh = linen_module.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, fresh) == {"params": {"offsets": (N, C)}}
+  np.testing.assert_array_equal(fresh["params"]["offsets"], np.zeros((N, C)))
+  np.testing.assert_array_equal(linen_module.apply({"params": {"offsets": module.offsets[...]}}, x),
+                                module(x))
+  assert decay_mask(nnx.state(module)) == {"offsets": False}
+  untagged = nnx.Param(jnp.zeros((N, C)))  # what the tag changes
+  assert decay_mask(nnx.State({"offsets": untagged})) == {"offsets": True}
+
+
+def test_offsets_learn_from_zero_and_set_the_streams_apart():
+  embed = mhc_jax.StreamEmbedding(N, C)
+  sites = [mhc_jax.ManifoldHyperConnection(N, C, layer_index=i, rngs=nnx.Rngs(i))
+           for i in range(2)]
+  x, target = random(36, (8, C)), random(37, (8, C))
+
+  def loss(offsets):
+    streams = mhc_jax.embed_streams(x, offsets)
+    for site in sites:
+      streams = site(streams, jnp.tanh)
+    return jnp.mean((mhc_jax.reduce_streams(streams) - target) ** 2)
+
+  grad = jax.grad(loss)(embed.offsets[...])
+  # Each stream its own gradient (H_pre favours one stream per layer), so a step leaves
+  # the streams distinct.
+  assert np.min(np.linalg.norm(grad, axis=-1)) > 1e-4
+  assert np.min(np.linalg.norm(grad[:, None] - grad[None, :], axis=-1)[~np.eye(N, dtype=bool)]) \
+      > 1e-5

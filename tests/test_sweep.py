@@ -47,7 +47,7 @@ def test_expand_grid_and_list():
   runs = sweep.expand(sweep.Sweep(
       gin_files=("a.gin",), bindings=("LoopConfig.steps = 3",),
       grid={"ModelConfig.residual": ["prenorm", "mhc"], "LoopConfig.seed": [0, 1]},
-      runs=({"ModelConfig.num_streams": 2},)))
+      runs=({"MHC.num_streams": 2},)))
   assert [r.name for r in runs] == ["residual=prenorm,seed=0", "residual=prenorm,seed=1",
                                     "residual=mhc,seed=0", "residual=mhc,seed=1",
                                     "num_streams=2"]

@@ -96,7 +96,7 @@ def test_every_residual_variant_trains_resumes_bitwise_and_logs_its_gains(tmp_pa
 
 
 def test_tpu_pod_config_lowers_on_256_abstract_devices():
-  code = """
+  code = r"""
 import json
 import re
 import jax

@@ -12,6 +12,7 @@ import pytest
 from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.residuals import MHC
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train import train
 from mhc_jax.lm.train_state import LoopConfig, Trainer
@@ -64,10 +65,11 @@ def test_pallas_sinkhorn_in_a_sharded_train_step_matches_xla():
   (2, 2, 2) mesh trains exactly like the XLA path."""
   # The train step alone, as small as the mesh allows: compiling is most of the time, and
   # the loop around the step (data, eval, checkpoints) has nothing to do with the kernel.
-  model = dict(residual="mhc", num_layers=1, d_model=8, num_heads=2, mlp_dim=8, num_streams=2,
-               sinkhorn_iters=2, remat="none")
+  model = dict(num_layers=1, d_model=8, num_heads=2, mlp_dim=8, remat="none")
   tokens = np.random.default_rng(0).integers(0, 258, (4, 9), np.int32)
-  trainers = {backend: Trainer(tiny_model(**model, sinkhorn_backend=backend),
+  settings = lambda backend: MHC(num_streams=2, sinkhorn_iters=2, sinkhorn_backend=backend)
+  trainers = {backend: Trainer(tiny_model(**model, residual="mhc",
+                                          residual_settings=settings(backend)),
                                OptimizerConfig(learning_rate=3e-3, warmup_steps=0),
                                MeshConfig(data=2, fsdp=2, tensor=2), LoopConfig(steps=2), 4)
               for backend in ("xla", "pallas")}

@@ -76,8 +76,8 @@ def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
     _check_context(prompts, max_new_tokens, context)
 
   rows = _bucket_rows(len(prompts))
-  width = max(MIN_PROMPT_BUCKET, _next_power_of_two(max(len(p) for p in prompts)))
-  slots = _next_power_of_two(width + max_new_tokens)
+  width = max(MIN_PROMPT_BUCKET, next_power_of_two(max(len(p) for p in prompts)))
+  slots = next_power_of_two(width + max_new_tokens)
   lengths = np.zeros(rows, np.int32)  # the rows filling the batch up stay empty
   lengths[:len(prompts)] = [len(p) for p in prompts]
   settings = (np.float32(temperature or 1.0), np.int32(min(top_k or vocab, vocab)),
@@ -221,14 +221,15 @@ def _check_context(prompts: list[np.ndarray], max_new_tokens: int, context: int)
                        "lower max_new_tokens or shorten the prompt")
 
 
-def _next_power_of_two(n: int) -> int:
+def next_power_of_two(n: int) -> int:
+  """The least power of two >= `n` (>= 1): the buckets' sizes."""
   return 1 << (n - 1).bit_length()
 
 
 def _bucket_rows(num_prompts: int) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   shards = 1 if mesh.empty else math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
-  return -(-_next_power_of_two(num_prompts) // shards) * shards
+  return -(-next_power_of_two(num_prompts) // shards) * shards
 
 
 def _left_padded(prompts: list[np.ndarray], rows: int, width: int):

@@ -7,7 +7,6 @@ those settings and across residual variants.
 
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.residuals import RESIDUALS
-from mhc_jax.streams import mixing_flops
 
 # Dense bfloat16 peak per device in TFLOP/s, from the vendors' data sheets. Keys are
 # prefixes of `jax.Device.device_kind`; the longest that matches wins, so "TPU v5 lite" (v5e)
@@ -41,8 +40,8 @@ def peak_flops_per_device(device_kind: str) -> float | None:
 def _site_forward_flops(cfg: ModelConfig) -> float:
   """Forward FLOPs per token of one hyper-connection site (n streams of width C): the
   mixing, and the coefficients' matmuls as the variant's site config counts them."""
-  site = RESIDUALS[cfg.residual].site_config(cfg, 0)
-  return mixing_flops(site.num_streams, site.dim) + site.coefficient_flops()
+  site = RESIDUALS[cfg.residual].site(cfg, 0)
+  return site.mixing_flops() + site.coefficient_flops()
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -6,7 +6,7 @@ optional per-head q/k RMSNorm as in Qwen3), SwiGLU MLP, RMSNorm, optional tied e
 
     prenorm   h = h + F(norm(h))                         the baseline
     postnorm  h = norm(h + F(h))
-    hc        streams = HC(streams, x -> F(norm(x)))     dynamic, or static with hc_dynamic=False
+    hc        streams = HC(streams, x -> F(norm(x)))     dynamic, or static with HC.dynamic = False
     mhc       streams = mHC(streams, x -> F(norm(x)))
     mhc_lite  mHC with H_res a mixture of permutation matrices
     kromhc    mHC with H_res a Kronecker product of 2x2 doubly-stochastic factors
@@ -33,6 +33,7 @@ builds `generate` on it. Called with tokens alone, the model runs what training 
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,8 @@ from mhc_jax.checks import check_int
 from mhc_jax.lm.attention import (ATTENTION_IMPLEMENTATIONS, SPLASH_SEQ_MULTIPLE, causal_attention,
                                default_attention, masked_attention)
 from mhc_jax.mappings import check_streams
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.modules import StreamEmbedding
+from mhc_jax.lm.residuals import RESIDUALS, resolve_settings
 from mhc_jax.lm.sharding import BATCH_AXES
 from mhc_jax.streams import expand_streams, reduce_streams
 
@@ -69,6 +71,11 @@ REMAT_POLICIES = {
 }
 
 
+# ModelConfig fields of earlier versions -> the variants' settings fields that replaced them.
+FLAT_SETTINGS = {"num_streams": "num_streams", "hc_dynamic": "dynamic",
+                 "sinkhorn_iters": "sinkhorn_iters", "sinkhorn_backend": "sinkhorn_backend"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int = 258
@@ -77,10 +84,9 @@ class ModelConfig:
   num_heads: int = 8
   mlp_dim: int = 1024
   residual: str = "prenorm"
-  num_streams: int = 4
-  hc_dynamic: bool = True
-  sinkhorn_iters: int = 20
-  sinkhorn_backend: str = "auto"
+  # The variant's own settings (`residuals.HC(num_streams=4)`, `residuals.MHC`, ...; gin binds
+  # them as `MHC.sinkhorn_iters = 20`); None: its defaults. Filled in at construction.
+  residual_settings: Any = None
   tie_embeddings: bool = True
   dtype: str = "float32"
   rope_base: float = 10_000.0
@@ -95,13 +101,17 @@ class ModelConfig:
   qk_norm: bool = False  # RMSNorm on each head's q and k before RoPE (Qwen3)
   embed_scale: bool = True  # multiply the looked-up embedding by sqrt(d_model)
   stream_reduction: str = "sum"  # how streams become one before the final norm: sum, mean
+  # Learned per-stream offsets added as the embedding is copied into the streams, so they
+  # start apart once trained (lucidrains' `add_stream_embed`); zero at initialisation.
+  stream_embed: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "num_streams",
-                 "sinkhorn_iters"):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
       check_int(name, getattr(self, name))
     if self.residual not in RESIDUALS:
       raise ValueError(f"residual must be one of {', '.join(RESIDUALS)}; got {self.residual!r}")
+    object.__setattr__(self, "residual_settings",
+                       resolve_settings(self.residual, self.residual_settings))
     for name in ("num_kv_heads", "head_dim_override"):
       if getattr(self, name) is not None:
         check_int(name, getattr(self, name))
@@ -116,6 +126,11 @@ class ModelConfig:
     for name in ("qk_norm", "embed_scale"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+    if not isinstance(self.stream_embed, bool):
+      raise ValueError(f"stream_embed must be True or False, got {self.stream_embed!r}")
+    if self.stream_embed and not self.uses_streams:
+      raise ValueError(f"stream_embed needs a variant with streams; residual {self.residual!r} "
+                       "has none: set stream_embed = False")
     if self.stream_reduction not in STREAM_REDUCTIONS:
       raise ValueError(f"stream_reduction must be one of {', '.join(STREAM_REDUCTIONS)}; got "
                        f"{self.stream_reduction!r}")
@@ -132,6 +147,27 @@ class ModelConfig:
   @property
   def uses_streams(self) -> bool:
     return RESIDUALS[self.residual].uses_streams
+
+  @property
+  def num_streams(self) -> int:
+    """n of the streams; 1 for a variant without streams."""
+    return self.residual_settings.num_streams if self.uses_streams else 1
+
+  @classmethod
+  def from_record(cls, fields: dict) -> "ModelConfig":
+    """A config.json "model" section -> its ModelConfig. Records of before the variants had
+    settings of their own hold them as fields (`num_streams`, `hc_dynamic`, ...): those are
+    moved into the recorded variant's settings (the ones it has; the rest were unused)."""
+    if not isinstance(fields, dict):
+      raise TypeError(f"a model record is a JSON object, got {type(fields).__name__}")
+    fields = dict(fields)
+    old = {new: fields.pop(name) for name, new in FLAT_SETTINGS.items() if name in fields}
+    entry = RESIDUALS.get(fields.get("residual", "prenorm"))  # an unknown one: refused below
+    settings_class = entry.settings if entry else None
+    if old and settings_class is not None and fields.get("residual_settings") is None:
+      names = {field.name for field in dataclasses.fields(settings_class)}
+      fields["residual_settings"] = {k: v for k, v in old.items() if k in names}
+    return cls(**fields)
 
   @property
   def head_dim(self) -> int:
@@ -411,6 +447,8 @@ class Transformer(nnx.Module):
     blocks = [Block(cfg, layer, rngs) for layer in range(cfg.num_layers)]
     self.blocks = stack_layers(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+    if cfg.stream_embed:
+      self.stream_embed = StreamEmbedding(cfg.num_streams, cfg.d_model)
     if not cfg.tie_embeddings:
       self.unembed = _param(rngs, (cfg.d_model, cfg.vocab_size), embed_std, ("embed", "vocab"))
 
@@ -489,6 +527,8 @@ class Transformer(nnx.Module):
       # Inputs of RMS about 1/sqrt(d): far above the norms' eps at any width.
       h = h * math.sqrt(cfg.d_model)
     h = h.astype(dtype)
+    if cfg.stream_embed:
+      return self.stream_embed(h)
     if cfg.uses_streams:
       h = expand_streams(h, cfg.num_streams)
     return h
@@ -529,6 +569,22 @@ def layer_params(model: Transformer) -> list[dict]:
   return [blocks[i] for i in range(model.cfg.num_layers)]
 
 
+def block_params(model: Transformer, scan_layers: bool | None = None) -> dict:
+  """The blocks' parameters as a pure dict in the layout `scan_layers` gives (default: the
+  model's): stacked on a leading layers axis, or one dict per layer number. In the model's
+  own layout they are its arrays, not copies."""
+  if scan_layers is None or scan_layers == model.cfg.scan_layers:
+    return nnx.to_pure_dict(nnx.state(model.blocks, nnx.Param))
+  return blocks_in_layout(layer_params(model), scan_layers)
+
+
+def blocks_in_layout(layers: list[dict], scan_layers: bool) -> dict:
+  """One pure dict per block -> `block_params`'s layout (stacking copies them)."""
+  if scan_layers:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return dict(enumerate(layers))
+
+
 def outer_params(model: Transformer) -> dict:
   """The parameters outside the blocks (`embed`, `final_norm`, `unembed`) as a pure dict:
   with `layer_params`, what `from_params` takes."""
@@ -541,15 +597,18 @@ def from_params(cfg: ModelConfig, params: dict, layers: list[dict]) -> Transform
   `embed`, `final_norm`, `unembed`) and `layers` (one pure dict per block, as `layer_params`
   gives), stacked on the layers axis for `scan_layers`. Nothing is drawn at random; a
   missing, extra or misshapen array is refused in one line naming its path."""
-  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
   if len(layers) != cfg.num_layers:
     raise ValueError(f"layers must hold num_layers={cfg.num_layers} blocks, got {len(layers)}")
   for i, layer in enumerate(layers):
     if jax.tree.structure(layer) != jax.tree.structure(layers[0]):
       raise ValueError(f"layer {i}'s parameters are not named as layer 0's")
-  blocks = (jax.tree.map(lambda *xs: jnp.stack(xs), *layers) if cfg.scan_layers
-            else dict(enumerate(layers)))
+  return from_blocks(cfg, params, blocks_in_layout(layers, cfg.scan_layers))
+
+
+def from_blocks(cfg: ModelConfig, params: dict, blocks: dict) -> Transformer:
+  """`from_params` with the blocks' parameters already in `cfg`'s layout (`block_params`).
+  float32 jax arrays are taken as they are: the new model shares them (no copy)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
   values = {**params, "blocks": blocks}
   expected = nnx.to_pure_dict(state)
   paths = lambda tree: {jax.tree_util.keystr(path, simple=True, separator="/"): leaf

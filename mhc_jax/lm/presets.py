@@ -8,6 +8,7 @@ run applies: an experiment (a file that includes base.gin) and the add-ons that 
 """
 
 import contextlib
+import dataclasses
 import importlib.resources
 import logging
 import pathlib
@@ -18,8 +19,9 @@ import gin
 
 from mhc_jax.checks import one_line
 from mhc_jax.lm.data import DataConfig
-from mhc_jax.lm.model import ModelConfig
+from mhc_jax.lm.model import FLAT_SETTINGS, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train_state import LoopConfig
 
@@ -48,6 +50,10 @@ CONFIG_CLASSES = {"model": ModelConfig, "data": DataConfig, "optimizer": Optimiz
                   "mesh": MeshConfig, "loop": LoopConfig}
 _CONFIGURABLE = {name: gin.external_configurable(cls, module="mhc_jax")
                  for name, cls in CONFIG_CLASSES.items()}
+# Each variant's settings, bound as `MHC.sinkhorn_iters = 20`: the variant a run trains takes
+# its class's bindings.
+_SETTINGS = {name: (entry.settings, gin.external_configurable(entry.settings, module="mhc_jax"))
+             for name, entry in RESIDUALS.items() if entry.settings is not None}
 
 
 class GinError(ValueError):
@@ -118,9 +124,31 @@ def parse(files: Sequence[str], bindings: Sequence[str] = (),
         _read(kind, item, read)
     try:
       configs = {name: make() for name, make in {**_CONFIGURABLE, **extra}.items()}
+      configs["model"] = _with_bound_settings(configs["model"])
+    except GinError:
+      raise
     except Exception as err:  # a config's own check, or a binding of the wrong type
       raise GinError(f"bad configuration: {one_line(err)}") from None
     return configs, gin.config_str()
+
+
+def _with_bound_settings(model: ModelConfig) -> ModelConfig:
+  """`model` with its variant's settings as gin binds them; one line for bindings of another
+  variant's settings (they would change nothing: a mistake)."""
+  for name, (cls, make) in _SETTINGS.items():
+    bound = make()
+    if name == model.residual:
+      model = dataclasses.replace(model, residual_settings=bound)
+    elif bound != cls():
+      field = next(f.name for f in dataclasses.fields(cls)
+                   if getattr(bound, f.name) != getattr(cls(), f.name))
+      own = RESIDUALS[model.residual].settings
+      reads = own is not None and field in {f.name for f in dataclasses.fields(own)}
+      instead = f"bind {own.__name__}.{field}" if reads else "remove the binding"
+      raise GinError(f"{cls.__name__}.{field} is bound, but ModelConfig.residual is "
+                     f"{model.residual!r}, which does not read it: {instead}, or set "
+                     f"ModelConfig.residual = {name!r}")
+  return model
 
 
 def _read(kind: str, item: str, read: Callable):
@@ -128,8 +156,22 @@ def _read(kind: str, item: str, read: Callable):
   try:
     return read(item)
   except Exception as err:  # gin raises many types; every one means a bad config
-    raise GinError(f"bad gin {kind} {item!r}: {_quote_hint(err, item) or one_line(err)}"
-                   ) from None
+    hint = _quote_hint(err, item) or _moved_hint(err) or one_line(err)
+    raise GinError(f"bad gin {kind} {item!r}: {hint}") from None
+
+
+def _moved_hint(err: BaseException) -> str | None:
+  """For a binding of a ModelConfig field that became a variant's setting
+  (`ModelConfig.sinkhorn_iters`), the binding that replaced it."""
+  match = re.search(r"ModelConfig.* named '(\w+)'", str(err))
+  if match is None or match.group(1) not in FLAT_SETTINGS:
+    return None
+  field = FLAT_SETTINGS[match.group(1)]
+  owners = [cls.__name__ for cls, _ in _SETTINGS.values()
+            if field in {f.name for f in dataclasses.fields(cls)}]
+  return (f"ModelConfig.{match.group(1)} is now a setting of the residual variant: bind "
+          f"{' or '.join(f'{owner}.{field}' for owner in owners)} (the class of "
+          f"ModelConfig.residual's variant)")
 
 
 def scoped_configs(scope: str) -> dict:

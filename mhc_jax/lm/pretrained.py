@@ -6,13 +6,13 @@ parameters of its latest complete checkpoint; its optimizer state is not taken).
 `ModelConfig` must compute DIR's function: every field of `FUNCTION_FIELDS` agrees, or one
 line names the first binding to set (and the others). The residual then decides:
 
-    DIR's own residual (and num_streams):  DIR's weights as they are
+    DIR's own residual (and settings):     DIR's weights as they are
     a stream variant from prenorm:         retrofitted (`retrofitting.py`), same logits, over
-                                           the run's num_streams, averaged at the end
+                                           the run's settings (num_streams), averaged at the end
                                            (stream_reduction "mean", as `retrofit_config` has)
 
 and nothing else. What changes how the model runs, not what it computes (dtype, scan_layers,
-remat, attention, sinkhorn_backend, init_std), is the run's own. Parameters are float32, as
+remat, attention, MHC.sinkhorn_backend, init_std), is the run's own. Parameters are float32, as
 a fresh model's are. Every check reads only: nothing is written until the weights are in.
 """
 
@@ -20,12 +20,14 @@ import dataclasses
 import pathlib
 
 from flax import nnx
+from jax.sharding import Mesh
 
 from mhc_jax.lm import checkpoint
 from mhc_jax.lm.hf import config_from_hf, load_hf_checkpoint, read_json
-from mhc_jax.lm.model import ModelConfig, Transformer, from_params, layer_params, outer_params
-from mhc_jax.lm.residuals import RESIDUALS
-from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS, retrofit_config, with_sites
+from mhc_jax.lm.model import ModelConfig, Transformer, block_params, from_blocks, outer_params
+from mhc_jax.lm.residuals import function_settings
+from mhc_jax.lm.retrofitting import (RETROFIT_RESIDUALS, retrofit_config, with_sites,
+                                     with_stream_embedding)
 
 HUGGINGFACE, WORKDIR = "huggingface", "workdir"
 CONFIG = "config.json"
@@ -36,9 +38,9 @@ FUNCTION_FIELDS = {
     "num_heads": "num_heads", "num_kv_heads": "kv_heads", "head_dim_override": "head_dim",
     "mlp_dim": "mlp_dim", "qk_norm": "qk_norm", "embed_scale": "embed_scale",
     "tie_embeddings": "tie_embeddings", "rope_base": "rope_base", "norm_eps": "norm_eps"}
-# What every stream model adds to them, when it continues as the same variant; its own site
-# fields come from its entry in `RESIDUALS` (`function_fields`).
-STREAM_FIELDS = {"stream_reduction": "stream_reduction"}
+# What every stream model adds to them; its own settings come from its entry in `RESIDUALS`
+# (all of its settings class's fields but the runtime ones).
+STREAM_FIELDS = {"stream_reduction": "stream_reduction", "stream_embed": "stream_embed"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +81,7 @@ def read_source(init_from: str) -> Source:
 
 def _workdir_source(folder: pathlib.Path, fields) -> Source:
   try:
-    config = ModelConfig(**fields)
+    config = ModelConfig.from_record(fields)
   except TypeError as err:  # not a dict, or a field this version does not know
     raise ValueError(f"{folder / CONFIG}'s model section is no ModelConfig: {err}") from None
   step = checkpoint.latest_step(folder)
@@ -95,78 +97,94 @@ def check_config(model: ModelConfig, source: Source) -> bool:
   have = source.config
   name = f"the checkpoint {source.path}"
   if have.residual == model.residual:
-    fields = function_fields(have)
+    values = function_values(have)
   elif have.residual == "prenorm" and model.residual in RETROFIT_RESIDUALS:
-    have = retrofit_config(have, model.residual, model.num_streams)
+    # The sites are new: they take the run's settings.
+    have = retrofit_config(have, model.residual, stream_embed=model.stream_embed,
+                           **dataclasses.asdict(model.residual_settings))
     name += f" retrofitted to {model.residual}"
-    fields = FUNCTION_FIELDS | {"stream_reduction": "stream_reduction"}
+    values = function_values(have, with_settings=False)
   else:
     also = (f", or {', '.join(RETROFIT_RESIDUALS)} to retrofit it"
             if have.residual == "prenorm" else "")
     raise ValueError(f"ModelConfig.residual is {model.residual!r}, {name} holds a "
                      f"{have.residual!r} model: set ModelConfig.residual = "
                      f"{have.residual!r}{also}")
-  differ = [(field, getattr(model, value), getattr(have, value))
-            for field, value in fields.items() if _differs(model, have, field, value)]
+  ours = function_values(model)
+  differ = [(binding, ours[binding][1], theirs[1]) for binding, theirs in values.items()
+            if _differs(ours[binding], theirs)]
   if differ:
-    (field, ours, theirs), rest = differ[0], differ[1:]
-    also = "; also " + ", ".join(f"ModelConfig.{f} = {t!r}" for f, _, t in rest) if rest else ""
-    raise ValueError(f"ModelConfig.{field} is {ours!r}, {name} has {theirs!r}: set "
-                     f"ModelConfig.{field} = {theirs!r}{also}")
+    (binding, mine, theirs), rest = differ[0], differ[1:]
+    also = "; also " + ", ".join(f"{b} = {t!r}" for b, _, t in rest) if rest else ""
+    raise ValueError(f"{binding} is {mine!r}, {name} has {theirs!r}: set "
+                     f"{binding} = {theirs!r}{also}")
   return have.residual != source.config.residual
 
 
-def function_fields(config: ModelConfig) -> dict[str, str]:
-  """The fields that fix the function of a model of `config`'s residual variant, each with
-  the attribute that holds its value in force."""
-  if not config.uses_streams:
-    return FUNCTION_FIELDS
-  own = {field: field for field in RESIDUALS[config.residual].function_fields}
-  return FUNCTION_FIELDS | STREAM_FIELDS | own
+def function_values(config: ModelConfig, with_settings: bool = True) -> dict[str, tuple]:
+  """The gin binding of every setting that fixes the function of a model of `config`
+  ("ModelConfig.d_model", ..., "MHC.sinkhorn_iters") -> (its value as set, its value in
+  force); with_settings=False leaves out the variant's own settings."""
+  fields = FUNCTION_FIELDS | (STREAM_FIELDS if config.uses_streams else {})
+  values = {f"ModelConfig.{field}": (getattr(config, field), getattr(config, attribute))
+            for field, attribute in fields.items()}
+  if config.uses_streams and with_settings:
+    settings = config.residual_settings
+    values |= {f"{type(settings).__name__}.{field}": (value, value)
+               for field, value in function_settings(settings).items()}
+  return values
 
 
 def difference(have: ModelConfig, model: ModelConfig) -> tuple[str, str] | None:
-  """Where `have` and `model` compute different functions, each's values of the fields that
-  differ (("residual=prenorm d_model=32", "residual=mhc d_model=64")); None where they
+  """Where `have` and `model` compute different functions, each's values of the settings
+  that differ (("residual=prenorm d_model=32", "residual=mhc d_model=64")); None where they
   compute the same one."""
-  both = function_fields(model)
-  fields = {"residual": "residual"} | {field: value for field, value in
-                                       function_fields(have).items() if field in both}
-  differ = {field: value for field, value in fields.items()
-            if _differs(model, have, field, value)}
+  residual = lambda config: {"ModelConfig.residual": (config.residual, config.residual)}
+  theirs, ours = residual(have) | function_values(have), residual(model) | function_values(model)
+  differ = [binding for binding in theirs if binding in ours
+            and _differs(ours[binding], theirs[binding])]
   if not differ:
     return None
-  values = lambda config: " ".join(f"{field}={getattr(config, value)}"
-                                   for field, value in differ.items())
-  return values(have), values(model)
+  values = lambda record: " ".join(f"{b.removeprefix('ModelConfig.')}={record[b][1]}"
+                                   for b in differ)
+  return values(theirs), values(ours)
 
 
-def _differs(model: ModelConfig, have: ModelConfig, field: str, value: str) -> bool:
-  if getattr(model, field) is None and getattr(have, field) is None:
+def _differs(ours: tuple, theirs: tuple) -> bool:
+  if ours[0] is None and theirs[0] is None:
     return False  # both the default, derived from fields compared on their own
-  return getattr(model, value) != getattr(have, value)
+  return ours[1] != theirs[1]
 
 
-def load_params(init_from: str, model: ModelConfig, seed: int) -> tuple[dict, dict]:
+def load_params(init_from: str, model: ModelConfig, seed: int,
+                mesh: Mesh | None = None) -> tuple[dict, dict]:
   """DIR -> (the parameters of a `model` starting from it, a pure dict laid out as
   `Transformer(model)`'s state; what config.json records of it). `seed` draws the new sites'
-  random parameters of a retrofit (mHC's `phi`), as it draws a fresh model's."""
+  random parameters of a retrofit (mHC's `phi`), as it draws a fresh model's. `mesh`: a
+  Hugging Face checkpoint is read straight into its shards over it (`load_hf_checkpoint`)."""
   source = read_source(init_from)
   retrofitted = check_config(model, source)
-  pretrained = _load_model(source)
-  layers = layer_params(pretrained)
+  if source.kind == HUGGINGFACE:  # read in the run's layout: nothing to restack
+    source = dataclasses.replace(source, config=dataclasses.replace(
+        source.config, scan_layers=model.scan_layers))
+  pretrained = load_model(source, mesh)
+  blocks = block_params(pretrained, model.scan_layers)
   if retrofitted:
-    layers = with_sites(model, layers, nnx.Rngs(seed))
-  loaded = from_params(model, outer_params(pretrained), layers)  # in the run's layout
+    blocks = with_sites(model, blocks, nnx.Rngs(seed))
+  outer = with_stream_embedding(model, outer_params(pretrained)) if retrofitted else (
+      outer_params(pretrained))
+  loaded = from_blocks(model, outer, blocks)  # the loaded arrays, not copies
   return nnx.to_pure_dict(nnx.state(loaded)), source.record()
 
 
-def _load_model(source: Source) -> Transformer:
-  """The model `source` holds, in its own config."""
+def load_model(source: Source, mesh: Mesh | None = None) -> Transformer:
+  """The model `source` holds, in its config (`source.config`: its own, or with another
+  dtype or layout); a Hugging Face one's arrays laid out over `mesh` (`load_hf_checkpoint`)."""
   if source.kind == HUGGINGFACE:
     try:
-      return load_hf_checkpoint(source.path, scan_layers=source.config.scan_layers)
-    except (FileNotFoundError, ImportError) as err:  # no weights; no safetensors package
+      return load_hf_checkpoint(source.path, dtype=source.config.dtype,
+                                scan_layers=source.config.scan_layers, mesh=mesh)
+    except FileNotFoundError as err:  # no config.json, no weights, a missing shard
       raise ValueError(str(err)) from None
   graphdef, state = nnx.split(nnx.eval_shape(
       lambda: Transformer(source.config, rngs=nnx.Rngs(0))))

@@ -53,50 +53,73 @@ import dataclasses
 
 from flax import nnx
 
-from mhc_jax.lm.model import (SITES, ModelConfig, Transformer, from_params, layer_params,
-                              outer_params)
-from mhc_jax.lm.residuals import RESIDUALS
+from mhc_jax.lm.model import (SITES, ModelConfig, Transformer, block_params, blocks_in_layout,
+                              from_blocks, outer_params)
+from mhc_jax.lm.residuals import RESIDUALS, with_residual
+from mhc_jax.modules import StreamEmbedding
 
 # Every stream variant: each site config knows its pass-through start (`passthrough_params`).
-RETROFIT_RESIDUALS = tuple(name for name, entry in RESIDUALS.items() if entry.uses_streams)
+RETROFIT_RESIDUALS = tuple(name for name, entry in RESIDUALS.items()
+                           if entry.uses_streams and entry.retrofits)
 
 
-def retrofit_config(cfg: ModelConfig, residual: str, num_streams: int) -> ModelConfig:
-  """The config of the retrofitted model: `cfg` with the streams, averaged at the end."""
+def retrofit_config(cfg: ModelConfig, residual: str, *, stream_embed: bool = False,
+                    **settings) -> ModelConfig:
+  """The config of the retrofitted model: `cfg` as variant `residual` with its `settings`
+  (the variant's defaults but those given: `num_streams=4`), averaged at the end, with a
+  stream embedding (starting at zero) if `stream_embed`."""
   if cfg.residual != "prenorm":
     raise ValueError(f"retrofit needs a prenorm model, got residual={cfg.residual!r}")
   if residual not in RETROFIT_RESIDUALS:
     raise ValueError(f"retrofit residual must be one of {', '.join(RETROFIT_RESIDUALS)}; got "
                      f"{residual!r}")
-  if not isinstance(num_streams, int) or num_streams < 2:
-    raise ValueError(f"retrofit num_streams must be an int >= 2 (one stream is the pre-norm "
-                     f"model), got {num_streams!r}")
-  return dataclasses.replace(cfg, residual=residual, num_streams=num_streams,
-                             stream_reduction="mean")
-
-
-def with_sites(cfg: ModelConfig, layers: list[dict], rngs: nnx.Rngs) -> list[dict]:
-  """Pre-norm blocks' parameters (`layer_params`) -> the same blocks with the sites of `cfg`
-  (a `retrofit_config`), started so that equal streams pass through as a pre-norm residual
-  (the site config's `passthrough_params`). `rngs` draws the sites' random parameters
-  (mHC's `phi`)."""
-  residual = RESIDUALS[cfg.residual]
-  widened = []
-  for layer, block in enumerate(layers):
-    sites = {}
-    for i, name in enumerate(SITES):
-      site = residual.make_site(cfg, 2 * layer + i, rngs)
-      sites[name] = site.config.passthrough_params(nnx.to_pure_dict(nnx.state(site, nnx.Param)))
-    widened.append({**block, **sites})
+  widened = dataclasses.replace(with_residual(cfg, residual, **settings),
+                                stream_reduction="mean", stream_embed=stream_embed)
+  fractions = getattr(widened.residual_settings, "num_fracs", 1)
+  if widened.num_streams * fractions < 2:
+    raise ValueError(f"retrofit needs num_streams * num_fracs >= 2 (one stream of one fraction "
+                     f"is the pre-norm model), got num_streams={widened.num_streams}, "
+                     f"num_fracs={fractions}")
   return widened
 
 
-def retrofit(model: Transformer, residual: str, *, num_streams: int = 4,
-             rngs: nnx.Rngs | None = None) -> Transformer:
+def with_sites(cfg: ModelConfig, blocks: dict, rngs: nnx.Rngs) -> dict:
+  """Pre-norm blocks' parameters in `cfg`'s layout (`block_params`) -> the same blocks, their
+  arrays as they are (no copy), with the sites of `cfg` (a `retrofit_config`) added, started
+  so that equal streams pass through as a pre-norm residual (the site config's
+  `passthrough_params`). `rngs` draws the sites' random parameters (mHC's `phi`), layer by
+  layer."""
+  residual = RESIDUALS[cfg.residual]
+  sites = []
+  for layer in range(cfg.num_layers):
+    made = {name: residual.make_site(cfg, 2 * layer + i, rngs) for i, name in enumerate(SITES)}
+    sites.append({name: site.config.passthrough_params(nnx.to_pure_dict(nnx.state(site, nnx.Param)))
+                  for name, site in made.items()})
+  if cfg.scan_layers:
+    return {**blocks, **blocks_in_layout(sites, scan_layers=True)}
+  return {layer: {**blocks[layer], **sites[layer]} for layer in range(cfg.num_layers)}
+
+
+def with_stream_embedding(cfg: ModelConfig, outer: dict) -> dict:
+  """The pre-norm model's parameters outside the blocks (`outer_params`), with the stream
+  embedding's offsets at zero where `cfg` has one: the streams start as equal copies."""
+  if not cfg.stream_embed:
+    return outer
+  return {**outer, "stream_embed": nnx.to_pure_dict(nnx.state(
+      StreamEmbedding(cfg.num_streams, cfg.d_model), nnx.Param))}
+
+
+def retrofit(model: Transformer, residual: str, *, num_streams: int | None = None,
+             stream_embed: bool = False, rngs: nnx.Rngs | None = None,
+             **settings) -> Transformer:
   """A pre-norm `model` -> a new `Transformer` with `residual` (any of `RETROFIT_RESIDUALS`)
-  over `num_streams` streams, the same block, embedding and norm weights, and sites that
-  start so the logits `[batch, seq, vocab]` are the pre-norm model's. `rngs` draws the
-  sites' random parameters (mHC's `phi`; default `nnx.Rngs(0)`). Either layer layout."""
-  cfg = retrofit_config(model.cfg, residual, num_streams)
-  layers = with_sites(cfg, layer_params(model), rngs or nnx.Rngs(0))
-  return from_params(cfg, outer_params(model), layers)
+  over `num_streams` streams (None: the variant's default, 4 for mhc) and the variant's other
+  `settings` (its defaults otherwise), with a stream embedding if `stream_embed`,
+  the same block, embedding and norm weights, and sites that start so the logits
+  `[batch, seq, vocab]` are the pre-norm model's. `rngs` draws the sites' random parameters
+  (mHC's `phi`; default `nnx.Rngs(0)`). Either layer layout."""
+  cfg = retrofit_config(model.cfg, residual, num_streams=num_streams,
+                        stream_embed=stream_embed, **settings)
+  blocks = with_sites(cfg, block_params(model), rngs or nnx.Rngs(0))
+  # The pre-norm arrays, not copies.
+  return from_blocks(cfg, with_stream_embedding(cfg, outer_params(model)), blocks)

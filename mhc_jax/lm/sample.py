@@ -1,5 +1,5 @@
-"""Sampling from a trained model, to see what it learned, and greedy decoding of many prompts
-at once, to score it on a task: both through `generate` (`decode.py`, the KV cache)."""
+"""Sampling from a trained model, to see what it learned, through `generate` (`decode.py`, the
+KV cache)."""
 
 import itertools
 from collections.abc import Callable, Sequence
@@ -61,16 +61,3 @@ def printable(text: str) -> str:
   layout of the verse, which is what a reader of a sample judges."""
   return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode()
                  for c in text)
-
-
-def greedy_continuations(model, prompts: Sequence[np.ndarray], num_tokens: int, *,
-                         batch_size: int = 64) -> np.ndarray:
-  """Token-id prompts (int `[len_i]` each, none empty) -> int32 `[len(prompts), num_tokens]`:
-  each prompt continued by its most likely token, `num_tokens` times; `batch_size` prompts to
-  a `generate` call (its buckets bound the programs compiled: see `decode.py`)."""
-  check_int("num_tokens", num_tokens)
-  check_int("batch_size", batch_size)
-  if not len(prompts) or min(len(p) for p in prompts) == 0:
-    raise ValueError("greedy_continuations needs at least one prompt and no empty one")
-  return np.stack([row for b in range(0, len(prompts), batch_size)
-                   for row in generate(model, prompts[b:b + batch_size], num_tokens)])

@@ -33,7 +33,7 @@ from mhc_jax.lm.metrics import MetricsWriter, ProgressBar
 from mhc_jax.lm.model import DTYPES, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sample import sample_text
-from mhc_jax.lm.sharding import MeshConfig
+from mhc_jax.lm.sharding import MeshConfig, make_mesh
 from mhc_jax.lm.train_state import LoopConfig, Trainer, nonfinite_kinds
 
 FINISHED = "finished.json"
@@ -123,7 +123,14 @@ def train(workdir: str,
   if checkpoint.latest_step(workdir) is None:
     started_from = None
     if init_from is not None:
-      params, started_from = pretrained.load_params(init_from, model, loop.seed)
+      # Over the run's mesh: each process reads only its devices' shards of a Hugging Face
+      # checkpoint. A mesh that does not fit the devices is the Trainer's to report, after
+      # what is wrong with init_from.
+      try:
+        run_mesh = make_mesh(mesh, devices)
+      except ValueError:
+        run_mesh = None
+      params, started_from = pretrained.load_params(init_from, model, loop.seed, run_mesh)
   else:
     recorded = _recorded_config(workdir)
     started_from = _resumed_start(workdir, recorded, init_from)
@@ -171,7 +178,7 @@ def train(workdir: str,
       write_atomically(workdir / "config.gin", record)
     if presets is not None:
       print(presets, flush=True)
-    print(f"{model.residual} (n={model.num_streams if model.uses_streams else 1}): "
+    print(f"{model.residual} (n={model.num_streams}): "
           f"{trainer.num_params:,} parameters; {flops_per_token / 1e9:.3g} GFLOP/token; "
           f"mesh {dict(trainer.mesh.shape)}; "
           + (f"resuming at step {start}" if start else
@@ -269,7 +276,7 @@ def _check_resumed_model(workdir: pathlib.Path, fields, model: ModelConfig) -> N
   if not isinstance(fields, dict):
     return
   try:
-    have = ModelConfig(**fields)
+    have = ModelConfig.from_record(fields)
   except (TypeError, ValueError):  # a field this version does not know, or a value it refuses
     return
   differ = pretrained.difference(have, model)
