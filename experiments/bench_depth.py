@@ -22,7 +22,8 @@ from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train_state import LoopConfig, Trainer
+from mhc_jax.lm.train_state import Trainer
+from mhc_jax.lm.train import LoopConfig
 
 LAYOUTS = {"scanned": True, "unrolled": False}
 

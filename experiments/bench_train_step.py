@@ -27,7 +27,8 @@ from mhc_jax.lm.model import REMAT_POLICIES, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train_state import LoopConfig, Trainer
+from mhc_jax.lm.train_state import Trainer
+from mhc_jax.lm.train import LoopConfig
 
 VOCAB = 258  # the byte-level vocabulary the LM trains with
 NUM_STREAMS = 4

@@ -46,7 +46,8 @@ from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.streams import reduce_streams
-from mhc_jax.lm.train_state import LoopConfig, Trainer
+from mhc_jax.lm.train_state import Trainer
+from mhc_jax.lm.train import LoopConfig
 
 
 @gin.configurable

@@ -72,7 +72,8 @@ from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
 from mhc_jax.lm.retrofitting import retrofit_config  # noqa: E402
 from mhc_jax.lm.sharding import MeshConfig  # noqa: E402
 from mhc_jax.lm.tokenizer import ByteTokenizer  # noqa: E402
-from mhc_jax.lm.train_state import LoopConfig, Trainer  # noqa: E402
+from mhc_jax.lm.train_state import Trainer  # noqa: E402
+from mhc_jax.lm.train import LoopConfig  # noqa: E402
 
 PRESET_DIR = presets.PRESET_DIR / "retrofit"
 FINETUNE = "finetune"  # the gin scope of the fine-tunes' configs

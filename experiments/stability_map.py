@@ -56,7 +56,7 @@ from mhc_jax.lm.model import ModelConfig  # noqa: E402
 from mhc_jax.lm.optimizer import OptimizerConfig  # noqa: E402
 from mhc_jax.lm.residuals import RESIDUALS, with_residual  # noqa: E402
 from mhc_jax.lm.sharding import MeshConfig  # noqa: E402
-from mhc_jax.lm.train_state import LoopConfig  # noqa: E402
+from mhc_jax.lm.train import LoopConfig  # noqa: E402
 
 FIGURE = "stability_map.png"
 # How far below ln(vocab_size) a final loss must be to count as learning: a collapsed model's

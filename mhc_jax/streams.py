@@ -81,6 +81,15 @@ def embed_streams(x: jax.Array, offsets: jax.Array) -> jax.Array:
   return (x.astype(dtype)[..., None, :] + offsets.astype(dtype)).astype(x.dtype)
 
 
+def mean_streams(streams: jax.Array) -> jax.Array:
+  """`[..., n, dim]` -> `[..., dim]`: the mean over streams, summed in float32. n equal
+  streams give back the one stream, so a retrofitted model's final norm sees what the
+  pre-norm model's did."""
+  if streams.ndim < 2:
+    raise ValueError(f"streams must have shape [..., num_streams, dim], got {streams.shape}")
+  return jnp.mean(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
+
+
 def _mixing_dtype(*arrays: jax.Array) -> jnp.dtype:
   """float32 for float32 and narrower inputs; float64 stays float64 (for references)."""
   return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))

@@ -246,6 +246,21 @@ def test_eos_cuts_each_continuation_after_its_first_eos():
   assert len(cut[1]) <= 3
 
 
+def test_stop_ends_decoding_once_every_row_says_so():
+  model, prompts = random_model("mhc"), random_rows(4, [3, 9, 1, 6])
+  full = generate(model, prompts, 12)
+  seen = []
+  def stop(row):  # a row ends once it holds 3 tokens
+    seen.append(len(row))
+    return len(row) >= 3
+  early = generate(model, prompts, 12, stop=stop)
+  # Decoding stopped at 3 tokens, each row's tokens those of the full run.
+  assert [len(row) for row in early] == [3] * 4
+  for row, short in zip(full, early):
+    np.testing.assert_array_equal(short, row[:3])
+  assert max(seen) == 3
+
+
 def test_prompts_within_one_bucket_compile_no_new_program():
   model = random_model("prenorm", rope_base=5_000.0)  # a model no other test compiles
   # The prefill and the step are this model's own; the sampler (one per batch size and

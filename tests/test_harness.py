@@ -31,8 +31,7 @@ from mhc_jax.lm.inference import load  # noqa: E402
 from mhc_jax.lm.model import ModelConfig  # noqa: E402
 from mhc_jax.lm.optimizer import OptimizerConfig  # noqa: E402
 from mhc_jax.lm.tokenizer import EOS, HuggingFaceTokenizer, decode, encode  # noqa: E402
-from mhc_jax.lm.train import train  # noqa: E402
-from mhc_jax.lm.train_state import LoopConfig  # noqa: E402
+from mhc_jax.lm.train import LoopConfig, train  # noqa: E402
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 CONTEXT = 64  # the workdir's seq_len: the adapter's default max_length

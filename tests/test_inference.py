@@ -19,8 +19,7 @@ from mhc_jax.lm.data import DataConfig
 from mhc_jax.lm.model import ModelConfig, from_params, layer_params, outer_params
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.tokenizer import ByteTokenizer, HuggingFaceTokenizer, train_bpe
-from mhc_jax.lm.train import train
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig, train
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 SEQ_LEN = 32

@@ -24,8 +24,7 @@ from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.pretrained import difference, load_params
 from mhc_jax.lm.residuals import with_residual
 from mhc_jax.lm.retrofitting import RETROFIT_RESIDUALS
-from mhc_jax.lm.train import train
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig, train
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "hf"
 # remat off: it only costs compile time here.

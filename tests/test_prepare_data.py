@@ -17,8 +17,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 
 from mhc_jax.lm import arrayrecord, data, prepare_data, tokenizer
 from mhc_jax.lm.model import ModelConfig
-from mhc_jax.lm.train import train
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig, train
 
 WORDS = ("thou art my lord and I thy humble servant for the king doth love whence comes "
          "this sweet sorrow é ü").split()

@@ -10,7 +10,7 @@ import pytest
 from mhc_jax.lm import presets
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.residuals import MHC
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

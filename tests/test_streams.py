@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 import mhc_jax
+from mhc_jax.streams import mean_streams
 from test_mappings import saved_bytes
 from test_modules import rel_err
 
@@ -256,3 +257,14 @@ def test_offsets_learn_from_zero_and_set_the_streams_apart():
   assert np.min(np.linalg.norm(grad, axis=-1)) > 1e-4
   assert np.min(np.linalg.norm(grad[:, None] - grad[None, :], axis=-1)[~np.eye(N, dtype=bool)]) \
       > 1e-5
+
+
+def test_mean_streams_is_the_float32_mean_over_the_stream_axis():
+  x = jax.random.normal(jax.random.key(9), (2, 3, 4, 8), jnp.bfloat16)
+  got = mean_streams(x)
+  expected = np.asarray(x, np.float64).mean(axis=-2)
+  assert got.dtype == jnp.bfloat16 and got.shape == (2, 3, 8)
+  np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=8e-3)
+  # Equal copies give back the one stream, bit for bit.
+  one = x[..., 0, :]
+  np.testing.assert_array_equal(mean_streams(jnp.broadcast_to(one[..., None, :], x.shape)), one)

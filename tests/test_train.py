@@ -18,8 +18,7 @@ from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train import FINISHED, NonFiniteError, is_finished, train
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import FINISHED, LoopConfig, NonFiniteError, is_finished, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.residuals import MHC
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train import train
-from mhc_jax.lm.train_state import LoopConfig, Trainer
+from mhc_jax.lm.train import LoopConfig, train
+from mhc_jax.lm.train_state import Trainer
 
 
 def tiny_model(**overrides):

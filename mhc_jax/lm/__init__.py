@@ -12,7 +12,7 @@ from mhc_jax.lm.model import ModelConfig, Transformer
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.retrofitting import retrofit
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig
 
 # `train` stays in `mhc_jax.lm.train`: exported here, the function would hide its module.
 __all__ = ["DataConfig", "LoopConfig", "MeshConfig", "ModelConfig", "OptimizerConfig",

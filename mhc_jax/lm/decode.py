@@ -24,7 +24,7 @@ hide a module of that name.)
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +42,8 @@ _MAX_SEED = 2**31 - 1  # the seed goes into the sampler as an int32
 
 def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int = 0, eos_id: int | None = None,
-             context: int | None = None) -> list[np.ndarray]:
+             seed: int = 0, eos_id: int | None = None, context: int | None = None,
+             stop: Callable[[np.ndarray], bool] | None = None) -> list[np.ndarray]:
   """Each of `prompts` (int token ids, any lengths, at least one token each) continued by up
   to `max_new_tokens` tokens -> one int32 array per prompt: its continuation, ending with its
   first `eos_id` when that is given.
@@ -58,6 +58,10 @@ def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
   `context`: the most tokens the model may read (the length it was trained on, say): a
   prompt longer than it, or one whose continuation would take the model past it, is refused.
   None: no limit.
+
+  `stop(continuation so far) -> bool`: decoding ends early once it is True for every row
+  (e.g. a stop string in the decoded text; the continuations are returned whole, for the
+  caller to cut). Like `eos_id`, it costs a wait for each token.
 
   All prompts run as one batch (see the module docstring for the programs it compiles); under
   a mesh (`jax.set_mesh`) the batch and the cache are split as the activations are.
@@ -87,14 +91,24 @@ def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
   drawn = [_draw(logits, seed, 0, *settings, mode=mode)]
   finished = np.zeros(len(prompts), bool)
   for t in range(1, max_new_tokens):
-    if eos_id is not None:  # costs a wait for each token: only when there is an end to see
-      finished |= np.asarray(drawn[-1])[:len(prompts)] == eos_id
+    if eos_id is not None or stop is not None:  # a wait for each token: only with an end
+      finished |= _finished(drawn, len(prompts), eos_id, stop)
       if finished.all():
         break
     logits, cache = _step(graphdef, state, cache, drawn[-1], lengths + t - 1)
     drawn.append(_draw(logits, seed, t, *settings, mode=mode))
   continuations = np.stack(jax.device_get(drawn), axis=1)[:len(prompts)]
   return [_cut_after(row, eos_id) for row in continuations]
+
+
+def _finished(drawn: list, num_prompts: int, eos_id, stop) -> np.ndarray:
+  """Which rows have ended: their newest token is `eos_id`, or `stop` says so."""
+  newest = np.asarray(drawn[-1])[:num_prompts]
+  ended = newest == eos_id if eos_id is not None else np.zeros(num_prompts, bool)
+  if stop is not None:
+    so_far = np.stack(jax.device_get(drawn), axis=1)[:num_prompts]
+    ended |= np.array([bool(stop(row)) for row in so_far])
+  return ended
 
 
 def prefill(model: Transformer, tokens, positions, mask, *, slots: int):

@@ -215,8 +215,9 @@ class MhcJaxLM(TemplateLM):
                          f"got {max_gen_toks}")
     prompts = [self._prompt(context, self.max_length - max_gen_toks) for context in contexts]
     try:
-      continuations = generate(self.model, prompts, max_gen_toks, eos_id=self.eot_token_id,
-                               context=self.max_length, **sampling)
+      continuations = generate(
+          self.model, prompts, max_gen_toks, eos_id=self.eot_token_id, context=self.max_length,
+          stop=lambda tokens: any(u in self.tok_decode(tokens) for u in until), **sampling)
     except ValueError as err:  # a sampling setting out of range
       raise AdapterError(f"generation kwargs {gen_kwargs}: {one_line(err, with_type=False)}"
                          ) from None

@@ -48,7 +48,7 @@ from mhc_jax.mappings import check_streams
 from mhc_jax.modules import StreamEmbedding
 from mhc_jax.lm.residuals import RESIDUALS, resolve_settings
 from mhc_jax.lm.sharding import BATCH_AXES
-from mhc_jax.streams import expand_streams, reduce_streams
+from mhc_jax.streams import expand_streams, mean_streams, reduce_streams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 LAYERS_AXIS = "layers"  # the logical axis of stacked (scanned) block parameters
@@ -352,12 +352,6 @@ def stack_layers(blocks: list[Block]) -> Block:
   states = [nnx.state(block) for block in blocks]
   return nnx.merge(graphdef, jax.tree.map(stack, *states,
                                           is_leaf=lambda x: isinstance(x, nnx.Variable)))
-
-
-def mean_streams(streams: jax.Array) -> jax.Array:
-  """`[..., n, dim]` -> `[..., dim]`: the mean over streams, summed in float32. n equal
-  streams give back the one stream, so the final norm sees what a pre-norm model's did."""
-  return jnp.mean(streams.astype(jnp.float32), axis=-2).astype(streams.dtype)
 
 
 def _run_block(block: Block, h: jax.Array, layout: "TokenLayout | None") -> jax.Array:

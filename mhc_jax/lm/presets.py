@@ -23,7 +23,7 @@ from mhc_jax.lm.model import FLAT_SETTINGS, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.sharding import MeshConfig
-from mhc_jax.lm.train_state import LoopConfig
+from mhc_jax.lm.train import LoopConfig
 
 
 def _preset_dir() -> pathlib.Path:

@@ -24,6 +24,7 @@ import time
 import jax
 from flax import nnx
 
+from mhc_jax.checks import check_int
 from mhc_jax.lm import checkpoint, pretrained
 from mhc_jax.lm.attention import check_platform
 from mhc_jax.lm.data import Corpus, DataConfig
@@ -34,11 +35,47 @@ from mhc_jax.lm.model import DTYPES, ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sample import sample_text
 from mhc_jax.lm.sharding import MeshConfig, make_mesh
-from mhc_jax.lm.train_state import LoopConfig, Trainer, nonfinite_kinds
+from mhc_jax.lm.train_state import NONFINITE_POLICIES, Trainer, nonfinite_kinds
 
 FINISHED = "finished.json"
 SCHEDULE = "schedule.json"
 CONFIG = "config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """steps: total optimizer steps. *_every: in steps. diagnostics_every = 0: never.
+  nonfinite: "stop" (end the run, non-zero exit) or "skip" (drop that update, go on).
+  sample_tokens: at the end, that many tokens continuing `sample_prompt` are printed (0: none).
+  stop_after_step: ends this invocation after that step, with a checkpoint, as a job with a
+  time limit would; the schedule still spans `steps`, so a later start continues exactly.
+  """
+
+  steps: int = 1000
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  diagnostics_every: int = 0
+  nonfinite: str = "stop"
+  seed: int = 0
+  sample_tokens: int = 200
+  sample_prompt: str = "ROMEO.\n"
+  stop_after_step: int | None = None
+
+  def __post_init__(self):
+    for name in ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                 "log_every"):
+      check_int(name, getattr(self, name))
+    check_int("diagnostics_every", self.diagnostics_every, minimum=0)
+    check_int("sample_tokens", self.sample_tokens, minimum=0)
+    if self.stop_after_step is not None:
+      check_int("stop_after_step", self.stop_after_step)
+    if self.nonfinite not in NONFINITE_POLICIES:
+      raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got "
+                       f"{self.nonfinite!r}")
+
 
 
 class NonFiniteError(RuntimeError):

@@ -6,7 +6,7 @@ all finite is not applied (the state keeps its last finite values), and the firs
 and what went bad are remembered so the loop can stop or warn (see `LoopConfig.nonfinite`).
 """
 
-import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -15,50 +15,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mhc_jax.checks import check_int
 from mhc_jax.diagnostics import gain_summary
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer, count_params, per_layer
 from mhc_jax.lm.optimizer import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
 from mhc_jax.lm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
 from mhc_jax.site import SiteMixin
 
+if TYPE_CHECKING:  # the loop's config; Trainer reads its steps and seed
+  from mhc_jax.lm.train import LoopConfig
+
 NONFINITE_POLICIES = ("stop", "skip")
 NONFINITE_KINDS = ("loss", "gradients", "parameters")  # bit 0, 1, 2 of guard["first_kind"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """steps: total optimizer steps. *_every: in steps. diagnostics_every = 0: never.
-  nonfinite: "stop" (end the run, non-zero exit) or "skip" (drop that update, go on).
-  sample_tokens: at the end, that many tokens continuing `sample_prompt` are printed (0: none).
-  stop_after_step: ends this invocation after that step, with a checkpoint, as a job with a
-  time limit would; the schedule still spans `steps`, so a later start continues exactly.
-  """
-
-  steps: int = 1000
-  eval_every: int = 100
-  eval_batches: int = 8
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 3
-  log_every: int = 10
-  diagnostics_every: int = 0
-  nonfinite: str = "stop"
-  seed: int = 0
-  sample_tokens: int = 200
-  sample_prompt: str = "ROMEO.\n"
-  stop_after_step: int | None = None
-
-  def __post_init__(self):
-    for name in ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                 "log_every"):
-      check_int(name, getattr(self, name))
-    check_int("diagnostics_every", self.diagnostics_every, minimum=0)
-    check_int("sample_tokens", self.sample_tokens, minimum=0)
-    if self.stop_after_step is not None:
-      check_int("stop_after_step", self.stop_after_step)
-    if self.nonfinite not in NONFINITE_POLICIES:
-      raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got "
-                       f"{self.nonfinite!r}")
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -87,7 +54,7 @@ class Trainer:
   """Builds the sharded train state and the compiled steps for one configuration."""
 
   def __init__(self, model: ModelConfig, optimizer: OptimizerConfig, mesh: MeshConfig,
-               loop: LoopConfig, batch_size: int, devices=None):
+               loop: "LoopConfig", batch_size: int, devices=None):
     if batch_size % mesh.batch_shards:
       raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's data*fsdp = "
                        f"{mesh.batch_shards}")
