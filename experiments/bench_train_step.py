@@ -31,7 +31,6 @@ from mhc_jax.lm.train_state import Trainer
 from mhc_jax.lm.train import LoopConfig
 
 VOCAB = 258  # the byte-level vocabulary the LM trains with
-NUM_STREAMS = 4
 # Every registered residual, then ablations that each change one thing, so the rows isolate
 # what a cost comes from.
 VARIANTS = {
@@ -48,7 +47,7 @@ def build(variant: str, remat: str, args):
   model = with_residual(
       ModelConfig(vocab_size=VOCAB, d_model=args.d_model, num_layers=args.layers,
                   num_heads=args.heads, mlp_dim=args.mlp_dim, dtype="float32", remat=remat),
-      residual, num_streams=NUM_STREAMS, **settings)
+      residual, **settings)  # each variant's own streams: n = 4, or frac's 1 x 4 fractions
   # LoopConfig.steps only sets the learning-rate schedule's length, not the work of a step.
   trainer = Trainer(model, OptimizerConfig(), MeshConfig(), LoopConfig(steps=args.steps + 1),
                     args.batch, devices=jax.devices()[:1])
@@ -99,7 +98,8 @@ HEADER = (f"| {'variant':<13} | {'remat':<7} | {'params':>9} | {'step ms':>8} | 
 def print_header(args) -> None:
   print(f"Train step (fwd+bwd+AdamW), d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads, mlp {args.mlp_dim}, seq {args.seq}, batch {args.batch}, float32, "
-        f"n={NUM_STREAMS}, on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"each variant's default streams (n=4; frac, mhc_frac: 1 stream x 4 fractions), "
+        f"on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"median of {args.steps}, each row's steps alternating with prenorm's")
   print(HEADER)
   print("|" + "|".join("-" * len(col) for col in HEADER.split("|")[1:-1]) + "|", flush=True)

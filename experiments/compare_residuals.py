@@ -19,7 +19,10 @@ stopped. A workdir trained with other configs is an error, not reused (`experime
 
 Then each run's final parameters are restored and run on the first validation batches; every
 block's output gives the cosine similarity between layers (streams summed) and between streams.
-`experiments/report/` writes `OUT/report.md`, `OUT/summary.json` and the plots.
+`experiments/report/` writes `OUT/report.md`, `OUT/summary.json` and the plots. A run's final
+loss is its `final_eval_loss`, every window of the validation split at the last step (the
+curves' `eval_loss` is a fixed subset); summary.json's `reference` holds the unigram and bigram
+losses of the same tokens, which the validation-loss plot draws as lines.
 """
 
 import argparse
@@ -238,12 +241,12 @@ def main(argv=None) -> int:
   try:
     train_runs(settings, out / "runs", progress=not args.no_progress)
     runs = analyse_runs(settings, out / "runs")
+    if jax.process_index() == 0:  # the summary refuses runs it cannot compare
+      report.write_report(out, runs, settings_summary(settings, args.preset))
+      print(f"report: {out / 'report.md'}", flush=True)
   except (ValueError, train_lib.NonFiniteError) as err:
     print(f"compare_residuals: {err}", file=sys.stderr)
     return 2 if isinstance(err, ValueError) else 1
-  if jax.process_index() == 0:
-    report.write_report(out, runs, settings_summary(settings, args.preset))
-    print(f"report: {out / 'report.md'}", flush=True)
   return 0
 
 

@@ -165,14 +165,15 @@ def run_result(settings: Settings, runs_dir: pathlib.Path, variant: str, depth: 
   """One run's final numbers, read from its metrics."""
   workdir = runs_dir / run_name(variant, depth, lr, seed)
   last = read_metrics(workdir)[-1]
-  if "eval_loss" not in last:
-    raise ValueError(f"{workdir}: no final eval_loss (too little validation data?)")
+  if "final_eval_loss" not in last:  # the whole validation split's, at the last step
+    raise ValueError(f"{workdir}: no final_eval_loss (no validation data, or trained before "
+                     "the whole-split evaluation: delete that workdir to retrain it)")
   skipped = int(last["skipped_steps"])
-  reasons = divergence({"train": last["train_loss"], "eval": last["eval_loss"]}, skipped,
-                       settings.model.vocab_size)
+  reasons = divergence({"train": last["train_loss"], "eval": last["final_eval_loss"]},
+                       skipped, settings.model.vocab_size)
   return {"variant": variant, "depth": depth, "learning_rate": lr, "seed": seed,
           "run": workdir.name, "final_train_loss": last["train_loss"],
-          "final_eval_loss": last["eval_loss"], "skipped_updates": skipped,
+          "final_eval_loss": last["final_eval_loss"], "skipped_updates": skipped,
           "diverged": bool(reasons), "why_diverged": reasons}
 
 

@@ -82,7 +82,8 @@ def out(tmp_path_factory, preset):
 
 
 def final_eval_losses(out: pathlib.Path, variant: str) -> list[float]:
-  return [read_metrics(out / "runs" / f"{variant}_seed{s}")[-1]["eval_loss"] for s in SEEDS]
+  return [read_metrics(out / "runs" / f"{variant}_seed{s}")[-1]["final_eval_loss"]
+          for s in SEEDS]
 
 
 def test_report_holds_every_file_and_valid_pngs(out):

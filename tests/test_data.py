@@ -1,6 +1,9 @@
 """mhc_jax.lm.data: byte tokenizer, sources, document split, packing,
 and the grain training / validation iterators (determinism, resume, orbax, sharding)."""
 
+import collections
+import dataclasses
+import math
 import pathlib
 import re
 import shutil
@@ -320,3 +323,109 @@ def test_error_messages_are_one_line(tmp_path):
       make()
     errors.append(str(error.value))
   assert all("\n" not in e for e in errors)
+
+
+# Evaluation batches: the whole split, a fixed subset, reference losses.
+
+
+def eval_windows(batches):
+  """Weighted batches -> the windows (inputs + last target) of the rows of weight 1, and
+  the number of padded rows; checks that a row's weights are all 0 or all 1."""
+  rows, padded = [], 0
+  for batch in batches:
+    assert batch.keys() == {"inputs", "targets", "weights"}
+    assert batch["weights"].shape == batch["inputs"].shape
+    assert batch["weights"].dtype == np.float32
+    for inputs, targets, weights in zip(batch["inputs"], batch["targets"], batch["weights"]):
+      assert np.all(weights == weights[0]) and weights[0] in (0, 1)
+      if weights[0]:
+        rows.append(np.concatenate([inputs, targets[-1:]]))
+      else:
+        padded += 1
+  return np.array(rows), padded
+
+
+def test_full_split_eval_batches_every_window_once_the_last_batch_padded(tmp_path):
+  corpus = make_corpus(tmp_path, lengths=(300,) * 20, batch_size=4)
+  windows = corpus.validation_windows
+  assert len(windows) == 35  # not a multiple of the batch
+  batches = corpus.eval_batches()
+  assert len(batches) == 9 and all(b["inputs"].shape == (4, 16) for b in batches)
+  covered, padded = eval_windows(batches)
+  np.testing.assert_array_equal(covered, windows)
+  assert padded == 1
+  # Each of 2 processes reads its own rows of every global batch, padding included.
+  shards = [list(corpus.eval_batches(shard_index=i, shard_count=2)) for i in range(2)]
+  assert all(len(shard) == 9 and shard[0]["inputs"].shape == (2, 16) for shard in shards)
+  merged = [{k: np.concatenate([s[b][k] for s in shards]) for k in shards[0][b]}
+            for b in range(9)]
+  for whole, parts in zip(batches, merged):
+    for key in whole:
+      np.testing.assert_array_equal(parts[key], whole[key])
+
+
+def window_documents(corpus, lengths, window_indices):
+  """Names of the held-out documents each window's tokens come from, by direct count."""
+  width = corpus.config.seq_len + 1
+  ends = np.cumsum([lengths[int(name[4:6])] + 1 for name in corpus.validation_names])
+  starts = ends - np.diff(ends, prepend=0)
+  return [{name for name, s, e in zip(corpus.validation_names, starts, ends)
+           if s < (i + 1) * width and e > i * width} for i in window_indices]
+
+
+def test_eval_subset_is_fixed_spread_and_touches_every_held_out_document(tmp_path):
+  lengths = [700, 40, 900, 60, 500, 30, 800, 50, 600, 45] * 3  # long and short plays
+  write_documents(tmp_path / "corpus", lengths)
+  config = data.DataConfig(source=str(tmp_path / "corpus" / "*.txt"), seq_len=16,
+                           batch_size=4, validation_fraction=0.3)
+  corpus = data.Corpus(config)
+  assert len(corpus.validation_names) == 9
+  num_windows = len(corpus.validation_windows)
+  subset = corpus.eval_batches(max_windows=12)
+  covered, padded = eval_windows(subset)
+  assert len(covered) == 12 and padded == 0
+  chosen = [int(np.flatnonzero((corpus.validation_windows == w).all(axis=1))[0])
+            for w in covered]
+  assert chosen == sorted(set(chosen))
+  touched = set().union(*window_documents(corpus, lengths, chosen))
+  assert touched == set(corpus.validation_names)
+  assert chosen[-1] > num_windows * 3 // 4  # spread to the end, not the opening
+  # The same windows at every step and for every training seed (same split_seed).
+  reseeded = data.Corpus(dataclasses.replace(config, seed=7)).eval_batches(max_windows=12)
+  np.testing.assert_array_equal(eval_windows(reseeded)[0], covered)
+  np.testing.assert_array_equal(eval_windows(subset)[0], covered)
+  # Asking for more windows than the split has is the whole split.
+  np.testing.assert_array_equal(eval_windows(corpus.eval_batches(10**6))[0],
+                                corpus.validation_windows)
+
+
+def test_spread_windows_picks_evenly_when_documents_outnumber_the_windows():
+  spans = [(i, i) for i in range(10)]
+  np.testing.assert_array_equal(data.spread_windows(10, 3, spans), [1, 5, 8])
+  np.testing.assert_array_equal(data.spread_windows(10, 4, ()), [1, 3, 6, 8])
+  np.testing.assert_array_equal(data.spread_windows(10, 4, [(0, 0), (9, 9)]), [0, 3, 7, 9])
+
+
+def direct_reference(train_stream, validation_windows, vocab_size):
+  """Add-one unigram and bigram cross entropies by plain counting, float64."""
+  unigram = collections.Counter(train_stream.tolist())
+  pairs = collections.Counter(zip(train_stream[:-1].tolist(), train_stream[1:].tolist()))
+  firsts = collections.Counter(train_stream[:-1].tolist())
+  uni, bi = [], []
+  for window in validation_windows.tolist():
+    for a, b in zip(window[:-1], window[1:]):
+      uni.append(math.log((unigram[b] + 1) / (len(train_stream) + vocab_size)))
+      bi.append(math.log((pairs[a, b] + 1) / (firsts[a] + vocab_size)))
+  return -sum(uni) / len(uni), -sum(bi) / len(bi)
+
+
+def test_reference_losses_match_a_direct_count(tmp_path):
+  corpus = make_corpus(tmp_path, lengths=(120, 80, 200, 150, 90, 60), seq_len=8,
+                       validation_fraction=0.34)
+  train_stream = np.asarray(corpus.train_windows).reshape(-1)
+  unigram, bigram = direct_reference(train_stream, corpus.validation_windows,
+                                     corpus.vocab_size)
+  reference = corpus.reference_losses()
+  assert reference == {"unigram_loss": pytest.approx(unigram, rel=1e-12),
+                       "bigram_loss": pytest.approx(bigram, rel=1e-12)}
+  assert corpus.reference_losses() is reference  # counted once per corpus

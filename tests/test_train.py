@@ -9,16 +9,21 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
+from flax import nnx
 
-from mhc_jax.lm.data import DataConfig
+from experiments.runs import final_params
+from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.lm.metrics import read_metrics
 from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.lm.train import FINISHED, LoopConfig, NonFiniteError, is_finished, train
+from mhc_jax.lm.train_state import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -167,3 +172,30 @@ def test_finished_means_the_marker_and_a_checkpoint_of_the_last_step(tmp_path, c
   assert is_finished(tmp_path, 2)
   shutil.rmtree(tmp_path / "checkpoints" / "2")  # without it, the run redoes its last step
   assert not is_finished(tmp_path, 2)
+
+
+def direct_loss(model, windows):
+  """Mean next-token cross entropy over every window, log-softmax in float64 numpy."""
+  logits = np.asarray(model(jnp.asarray(windows[:, :-1])), np.float64)
+  logprobs = logits - scipy.special.logsumexp(logits, axis=-1, keepdims=True)
+  return -np.take_along_axis(logprobs, windows[:, 1:, None], axis=-1).mean()
+
+
+def test_final_eval_is_over_every_validation_window_and_logged_apart(tmp_path, corpus):
+  """The last step scores the whole validation split (sharded over 2 devices, the last
+  batch padded), the steps before it a fixed subset; both equal a direct float64 count."""
+  data = DataConfig(source=corpus, seq_len=32, batch_size=8)
+  loaded = Corpus(data)
+  windows = loaded.validation_windows
+  assert len(windows) % 8 and len(windows) > 2 * 8  # eval_batches=2 is a strict subset
+  run(tmp_path, corpus, steps=2, mesh=MeshConfig(data=2))
+  row = json.loads((tmp_path / FINISHED).read_text())
+  assert read_metrics(tmp_path)[-1] == row
+  trainer = Trainer(tiny_model(), OptimizerConfig(), MeshConfig(data=2), LoopConfig(steps=2),
+                    batch_size=8, devices=jax.devices()[:2])
+  model = nnx.merge(trainer.graphdef, final_params(trainer, tmp_path, 2))
+  np.testing.assert_allclose(row["final_eval_loss"], direct_loss(model, windows), rtol=1e-5)
+  subset = loaded.eval_batches(max_windows=2 * 8).indices
+  np.testing.assert_allclose(row["eval_loss"], direct_loss(model, windows[subset]), rtol=1e-5)
+  assert abs(row["final_eval_loss"] - row["eval_loss"]) > 1e-4  # different windows
+  assert {k: row[k] for k in ("unigram_loss", "bigram_loss")} == loaded.reference_losses()

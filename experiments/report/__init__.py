@@ -19,7 +19,7 @@ def write_report(out: pathlib.Path, runs: list[Run], settings: dict) -> dict:
   """Writes the figures, `summary.json` and `report.md` into `out`; -> the summary."""
   out.mkdir(parents=True, exist_ok=True)
   summary = summarize(runs, settings)
-  plot_all(out, runs)
+  plot_all(out, runs, summary["reference"])
   (out / "summary.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
   (out / "report.md").write_text(markdown(summary))
   return summary

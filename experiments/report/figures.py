@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
-from experiments.report.numbers import (GAINS, Run, by_variant, has_streams,  # noqa: E402
-                                        over_seeds)
+from experiments.report.numbers import (GAINS, REFERENCE_KEYS, Run, by_variant,  # noqa: E402
+                                        has_streams, over_seeds)
 from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
 
 FIGURES = ("loss_train.png", "loss_eval.png", "grad_norm.png", "gain_over_training.png",
@@ -54,9 +54,11 @@ def _no_streams(path: pathlib.Path, title: str) -> None:
 
 
 def plot_curve(path: pathlib.Path, groups: dict[str, list[Run]], key: str, title: str,
-               ylabel: str, log: bool = False, zoom: bool = False) -> None:
+               ylabel: str, log: bool = False, zoom: bool = False,
+               references: dict[str, float] | None = None) -> None:
   """One line per variant over steps. `zoom` starts the y axis a tenth into training, so
-  that the end, where the variants differ, is not squashed by the initial loss."""
+  that the end, where the variants differ, is not squashed by the initial loss.
+  `references`: dashed horizontal lines by name (`unigram_loss`: ...), kept in view."""
   fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
   curves = {variant: over_seeds(group, key) for variant, group in groups.items()}
   for variant, (steps, values) in curves.items():
@@ -67,6 +69,12 @@ def plot_curve(path: pathlib.Path, groups: dict[str, list[Run]], key: str, title
               for steps, values in curves.values())
     if np.isfinite(low) and np.isfinite(top) and top > low:
       ax.set_ylim(low - 0.05 * (top - low), top)
+  for (name, value), style in zip((references or {}).items(), ("--", ":")):
+    ax.axhline(value, color="gray", linestyle=style, linewidth=1,
+               label=f"{name.removesuffix('_loss')} (whole split)")
+  if references and zoom:  # the references stay visible above or below the zoomed curves
+    low, top = ax.get_ylim()
+    ax.set_ylim(min(low, *references.values()) - 0.05, max(top, *references.values()) + 0.05)
   if log:
     ax.set_yscale("log")
   ax.set(title=title, xlabel="step", ylabel=ylabel)
@@ -214,12 +222,15 @@ def plot_stream_cosine(path: pathlib.Path, groups: dict[str, list[Run]]) -> None
   plt.close(fig)
 
 
-def plot_all(out: pathlib.Path, runs: list[Run]) -> None:
+def plot_all(out: pathlib.Path, runs: list[Run], references: dict | None = None) -> None:
+  """`references`: the summary's `reference` (unigram / bigram losses), or None."""
   groups = by_variant(runs)
+  references = {k: references[k] for k in REFERENCE_KEYS} if references else None
   plot_curve(out / "loss_train.png", groups, "train_loss", "Training loss (one batch a point)",
              "cross entropy (nats / byte)", zoom=True)
-  plot_curve(out / "loss_eval.png", groups, "eval_loss", "Validation loss",
-             "cross entropy (nats / byte)", zoom=True)
+  plot_curve(out / "loss_eval.png", groups, "eval_loss",
+             "Validation loss (a fixed subset; lines: references on the whole split)",
+             "cross entropy (nats / byte)", zoom=True, references=references)
   plot_curve(out / "grad_norm.png", groups, "grad_norm", "Gradient norm (before clipping)",
              "global L2 norm (log)", log=True)
   plot_gains_over_training(out / "gain_over_training.png", groups)

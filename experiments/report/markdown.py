@@ -45,6 +45,15 @@ def _table(summary: dict) -> list[str]:
   return lines
 
 
+def _reference_lines(reference: dict | None) -> list[str]:
+  """What a model that learned nothing past token counts scores on the same tokens."""
+  if reference is None:
+    return []
+  return [f"Reference on the same tokens: unigram {reference['unigram_loss']:.4f}, bigram "
+          f"{reference['bigram_loss']:.4f} nats / token (counted on the train split, add-one "
+          "smoothing).", ""]
+
+
 def _pairs_table(summary: dict) -> list[str]:
   variants = list(summary["variants"])
   lines = ["| row − column | " + " | ".join(variants) + " |",
@@ -81,6 +90,10 @@ def markdown(summary: dict) -> str:
       "",
       *_table(summary),
       "",
+      *_reference_lines(summary.get("reference")),
+      "Final validation loss: every window of the validation split at the last step (the "
+      "curves' `eval_loss` is a fixed subset spread over every held-out document, the same "
+      "at every step and for every run). "
       "Mean ± sample standard deviation (ddof 1) over seeds. The initialisation and the data "
       "order follow the seed and are the same for every variant, and every run is evaluated on "
       "the same validation documents, so *Δ vs prenorm* (variant minus prenorm at the same "
@@ -88,7 +101,8 @@ def markdown(summary: dict) -> str:
       "of that mean (Student's t over seeds; an interval that holds 0 does not tell the "
       "variants apart), then the smallest true difference these seeds would detect with 80% "
       "power at the 5% level, given the spread of the per-seed differences (noncentral t; "
-      "summary.json also holds the unpaired Welch interval as `welch_ci95`). Gains: the largest over sub-layers, tokens and seeds at the last "
+      "summary.json also holds the unpaired Welch interval as `welch_ci95`). Gains: the "
+      "largest over sub-layers, tokens and seeds at the last "
       "diagnostics step (1 for doubly-stochastic H_res); peak: the largest at any diagnostics "
       "step of training. Skipped updates: updates dropped because their loss, gradient or "
       "new parameters were not finite (summed over seeds). Spikes: logged training losses above "

@@ -1,6 +1,6 @@
 """The numbers of a residual comparison: runs grouped by variant, curves over seeds, the
-summary (final losses, paired differences to the baseline, worst gains) that `summary.json`
-holds."""
+summary (final losses on the whole validation split, paired differences to the baseline,
+worst gains, the unigram / bigram reference) that `summary.json` holds."""
 
 import dataclasses
 import math
@@ -18,6 +18,7 @@ GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_b
 # to 1.7x their running median in the stability preset, so 3x is well clear of that noise.
 SPIKE_RATIOS = {"train_loss": 1.25, "grad_norm": 3.0}
 SPIKE_WINDOW = 10
+REFERENCE_KEYS = ("unigram_loss", "bigram_loss")  # what `mhc_jax.lm.train` logs at the end
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality
@@ -61,6 +62,34 @@ def over_seeds(group: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def last_value(rows: list[dict], key: str) -> float:
   return series(rows, key)[1][-1]
+
+
+def final_loss(run: Run) -> float:
+  """The run's loss on the whole validation split, logged at its last step (`eval_loss` is
+  a fixed subset's, comparable over steps)."""
+  losses = series(run.rows, "final_eval_loss")[1]
+  if not len(losses):
+    raise ValueError(f"{run.variant} seed {run.seed}: no final_eval_loss (no validation data, "
+                     "or trained before the last step scored the whole validation split); "
+                     "delete its workdir to retrain it")
+  return float(losses[-1])
+
+
+def reference(runs: list[Run]) -> dict | None:
+  """The unigram / bigram losses of the validation tokens the runs logged at their last
+  step, one split for all of them; None when they logged none."""
+  found = {r: tuple(r.rows[-1].get(key) for key in REFERENCE_KEYS) for r in runs}
+  first = found[runs[0]]
+  for run, values in found.items():
+    if values != first:
+      raise ValueError(f"{run.variant} seed {run.seed}: its unigram / bigram reference "
+                       f"{values} differs from {runs[0].variant} seed {runs[0].seed}'s "
+                       f"{first}: the runs were scored on different validation splits")
+  if None in first:
+    return None
+  return {**dict(zip(REFERENCE_KEYS, first)),
+          "what": "cross entropy of every target of the whole validation split under a "
+                  "unigram / bigram model counted on the train split, add-one smoothing"}
 
 
 def spikes(curve: np.ndarray, ratio: float) -> int:
@@ -115,7 +144,7 @@ def peak(group: list[Run], key: str) -> float:
 def summarize(runs: list[Run], settings: dict) -> dict:
   """The report's numbers per variant; `settings` is stored alongside as given."""
   groups = by_variant(runs)
-  final = {v: {r.seed: last_value(r.rows, "eval_loss") for r in g} for v, g in groups.items()}
+  final = {v: {r.seed: final_loss(r) for r in g} for v, g in groups.items()}
   variants = {}
   for variant, group in groups.items():
     entry = {"num_params": group[0].num_params,
@@ -137,7 +166,7 @@ def summarize(runs: list[Run], settings: dict) -> dict:
       # A gain that exploded mid-run and settled again is invisible at the end.
       entry["peak_max_gain"] = {g: peak(group, f"{g}/max") for g in GAINS}
     variants[variant] = entry
-  return {"settings": settings, "variants": variants,
+  return {"settings": settings, "reference": reference(runs), "variants": variants,
           "runs": [{"variant": r.variant, "seed": r.seed,
                     "final_eval_loss": final[r.variant][r.seed],
                     "layer_cosine": r.layer_cosine.tolist(),

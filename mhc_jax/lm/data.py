@@ -10,8 +10,11 @@ that do not overlap; an example is `inputs = window[:-1]`, `targets = window[1:]
 
 Training batches come from one grain iterator for both sources (infinite, reshuffled every
 epoch, resumable through `get_state` / `set_state` or orbax's `grain.checkpoint`);
-validation batches are the validation windows in order. With `shard_count` processes, each
-takes its own contiguous rows of every global batch.
+validation batches are the validation windows in order. Evaluation batches
+(`Corpus.eval_batches`) hold every validation window once, or a fixed subset spread over
+every held-out document, with weights that let the last batch be padded; `reference_losses`
+scores the same tokens under unigram / bigram counts of the train split. With `shard_count`
+processes, each takes its own contiguous rows of every global batch.
 """
 
 import dataclasses
@@ -286,6 +289,96 @@ class ValidationBatches:
       yield _examples(self.windows[start:start + rows])
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality or hash
+class WeightedBatches:
+  """Chosen validation windows (`indices`, in that order), each exactly once, in batches of
+  `batch_size` rows with a float32 `weights` `[rows, seq_len]` beside inputs and targets: the
+  last batch is padded with copies of the first window at weight 0. So every batch has one
+  shape (one compiled step, whatever the split's length), and a weighted sum over tokens
+  divided by the sum of weights is the token-weighted mean over exactly these windows.
+  Iterable any number of times; each process gathers only its own rows of every batch.
+  """
+
+  windows: Windows
+  indices: np.ndarray
+  batch_size: int
+  shard_index: int = 0
+  shard_count: int = 1
+
+  def __post_init__(self):
+    check_int("batch_size", self.batch_size)
+    _check_shard(self.batch_size, self.shard_index, self.shard_count)
+
+  def __len__(self) -> int:
+    return -(-len(self.indices) // self.batch_size)
+
+  def __iter__(self) -> Iterator[Batch]:
+    rows = self.batch_size // self.shard_count
+    own = slice(self.shard_index * rows, (self.shard_index + 1) * rows)
+    for b in range(len(self)):
+      chosen = self.indices[b * self.batch_size:(b + 1) * self.batch_size]
+      padded = np.pad(chosen, (0, self.batch_size - len(chosen)), constant_values=chosen[0])
+      real = (np.arange(self.batch_size) < len(chosen))[own]
+      batch = _examples(self.windows[padded[own]])
+      batch["weights"] = np.repeat(real[:, None], batch["targets"].shape[1], axis=1).astype(
+          np.float32)
+      yield batch
+
+
+def spread_windows(num_windows: int, count: int,
+                   document_spans: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+  """Sorted indices of `min(count, num_windows)` windows spread over a split: the middle
+  window of every document's span `(first, last)` (window indices, inclusive), then windows
+  evenly spaced among the others. With more documents than `count`, evenly spaced middles.
+  """
+  count = min(count, num_windows)
+  middles = np.unique(np.array([(first + last) // 2 for first, last in document_spans],
+                               np.int64))
+  if len(middles) >= count:
+    return middles[_evenly_spaced(len(middles), count)]
+  others = np.setdiff1d(np.arange(num_windows), middles)
+  return np.sort(np.concatenate([middles,
+                                 others[_evenly_spaced(len(others), count - len(middles))]]))
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+  """k distinct positions in [0, n), k <= n, each at the middle of its n / k stretch."""
+  return (2 * np.arange(k) + 1) * n // (2 * k)
+
+
+def document_spans(documents: Sequence[Document], seq_len: int) -> list[tuple[int, int]]:
+  """Per document of a packed split (see `pack`), the first and last window holding its
+  tokens or its EOS; documents only in the dropped tail have none."""
+  width, num_windows = seq_len + 1, num_tokens(documents) // (seq_len + 1)
+  ends = np.cumsum([len(data) + 1 for _, data in documents])
+  starts = ends - np.diff(ends, prepend=0)
+  return [(int(start // width), int(min(end - 1, num_windows * width - 1) // width))
+          for start, end in zip(starts, ends) if start < num_windows * width]
+
+
+def reference_losses(train_stream: np.ndarray, validation_windows: np.ndarray,
+                     vocab_size: int) -> dict[str, float]:
+  """The cross entropy (nats per token) of every validation target (`windows[:, 1:]`) under
+  a unigram and a bigram model counted on the train token stream, both with add-one
+  (Laplace) smoothing over the vocabulary: `(c(b) + 1) / (N + V)` and
+  `(c(a, b) + 1) / (c(a) + V)` with `c(a)` counting `a` as the first of a pair. The bigram
+  of a window's first target is conditioned on the window's first input."""
+  stream = np.asarray(train_stream, np.int64)
+  contexts = np.asarray(validation_windows[:, :-1], np.int64).reshape(-1)
+  targets = np.asarray(validation_windows[:, 1:], np.int64).reshape(-1)
+  unigram = np.bincount(stream, minlength=vocab_size)
+  unigram_logp = np.log((unigram[targets] + 1) / (len(stream) + vocab_size))
+  # Pairs as codes a * V + b: sparse, so a large vocabulary needs no V x V table.
+  codes, pair_counts = np.unique(stream[:-1] * vocab_size + stream[1:], return_counts=True)
+  wanted = contexts * vocab_size + targets
+  found = np.minimum(np.searchsorted(codes, wanted), len(codes) - 1)
+  pairs = np.where(codes[found] == wanted, pair_counts[found], 0)
+  firsts = np.bincount(stream[:-1], minlength=vocab_size)[contexts]
+  bigram_logp = np.log((pairs + 1) / (firsts + vocab_size))
+  return {"unigram_loss": float(-unigram_logp.mean()),
+          "bigram_loss": float(-bigram_logp.mean())}
+
+
 # Corpus.
 
 
@@ -299,11 +392,14 @@ class Corpus:
                       documents shorter than one window together)
   train_names, validation_names: the documents of each split (in-memory sources only; a
                       prepared corpus has None)
+  validation_spans:   per held-out document, its first and last validation window (in-memory
+                      sources only; a prepared corpus, whose records are no documents, has ())
   tokenizer:          its `vocab_size`, `eos_id`, `encode`, `decode`
   """
 
   def __init__(self, config: DataConfig):
     self.config = config
+    self._reference = None
     if isinstance(config.source, str) and config.source.startswith(ARRAYRECORD):
       directory = config.source[len(ARRAYRECORD):]
       if not directory:  # what the pod presets leave for the user to fill in
@@ -313,6 +409,7 @@ class Corpus:
       prepared = arrayrecord.PreparedCorpus(directory, config.seq_len)
       self.tokenizer: Tokenizer = prepared.tokenizer
       self.train_names = self.validation_names = None
+      self.validation_spans = ()
       self.train_windows, self.validation_windows = prepared.train, prepared.validation
       self._read_threads, train_tokens = arrayrecord.READ_THREADS, prepared.train.num_tokens
     else:
@@ -322,6 +419,7 @@ class Corpus:
       self.tokenizer = ByteTokenizer()
       self.train_names = [name for name, _ in train]
       self.validation_names = [name for name, _ in validation]
+      self.validation_spans = document_spans(validation, config.seq_len)
       self.train_windows = _read_only(pack(train, config.seq_len))
       self.validation_windows = _read_only(pack(validation, config.seq_len))
       self._read_threads, train_tokens = 0, num_tokens(train)
@@ -353,6 +451,28 @@ class Corpus:
     """One pass over the validation windows in order, at most `max_batches` batches."""
     return ValidationBatches(self.validation_windows, self.config.batch_size, max_batches,
                              shard_index, shard_count)
+
+  def eval_batches(self, max_windows: int | None = None, shard_index: int = 0,
+                   shard_count: int = 1) -> WeightedBatches:
+    """Every validation window once (`max_windows` None), or a fixed subset of at most
+    `max_windows` spread over every held-out document (`spread_windows`): it depends on the
+    split alone, so it is the same at every step, for every seed and every model."""
+    num_windows = len(self.validation_windows)
+    indices = (np.arange(num_windows) if max_windows is None else
+               spread_windows(num_windows, max_windows, self.validation_spans))
+    return WeightedBatches(self.validation_windows, indices, self.config.batch_size,
+                           shard_index, shard_count)
+
+  def reference_losses(self) -> dict[str, float] | None:
+    """`reference_losses` of the validation windows with counts from the train split,
+    computed once; None for a prepared corpus (counting a pod-scale train split would take
+    longer than the run's evaluation) or without validation windows."""
+    if self.train_names is None or len(self.validation_windows) == 0:
+      return None
+    if self._reference is None:
+      self._reference = reference_losses(np.asarray(self.train_windows).reshape(-1),
+                                         self.validation_windows, self.vocab_size)
+    return self._reference
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

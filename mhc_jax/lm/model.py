@@ -295,7 +295,10 @@ class SwiGLU(nnx.Module):
 class Block(nnx.Module):
   """Attention then MLP, each joined to the residual path as `RESIDUALS[cfg.residual]` says."""
 
-  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs,
+               site_rngs: nnx.Rngs | None = None):
+    """`site_rngs` draws the sites' parameters (default: `rngs`, as everything else);
+    `Transformer` gives them a stream of their own, `site_stream(rngs)`."""
     self.residual = cfg.residual
     self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     self.attn = Attention(cfg, rngs)
@@ -303,7 +306,7 @@ class Block(nnx.Module):
     self.mlp = SwiGLU(cfg, rngs)
     # Sub-layers are counted separately (2 per block), as in both papers.
     residual = RESIDUALS[cfg.residual]
-    self.attn_site, self.mlp_site = (residual.make_site(cfg, 2 * layer + i, rngs)
+    self.attn_site, self.mlp_site = (residual.make_site(cfg, 2 * layer + i, site_rngs or rngs)
                                      if residual.uses_streams else None
                                      for i in range(len(SITES)))
 
@@ -333,6 +336,20 @@ class Block(nnx.Module):
     join = RESIDUALS[self.residual].join
     h = join(h, self.attn_site, self.attn_norm, attention)
     return join(h, self.mlp_site, self.mlp_norm, self.mlp)
+
+
+# Where the sites' key stream starts: the params stream's key folded with the last index its
+# counter could reach, which no model does (it draws one key per array, not 2**32).
+SITE_STREAM_INDEX = 2**32 - 1
+
+
+def site_stream(rngs: nnx.Rngs) -> nnx.Rngs:
+  """The hyper-connection sites' own key stream, folded from `rngs`' params key without
+  drawing from `rngs`: the weights every variant shares (embedding, attention, MLP, norms,
+  read-out) are then the same at a seed whatever the residual (pre-norm's, as they always
+  were), so variants at one seed are paired, and the sites draw in depth order in either
+  layout."""
+  return nnx.Rngs(params=jax.random.fold_in(rngs.params.key[...], SITE_STREAM_INDEX))
 
 
 def stack_layers(blocks: list[Block]) -> Block:
@@ -404,9 +421,10 @@ class KVCache:
 
   @classmethod
   def empty(cls, cfg: "ModelConfig", batch: int, slots: int) -> "KVCache":
-    zeros = jnp.zeros((cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim),
-                      DTYPES[cfg.dtype])
-    return cls(zeros, zeros, jnp.zeros((batch, slots), bool),
+    # Keys and values each their own buffer: a caller may donate the cache to a jitted step.
+    zeros = lambda: jnp.zeros((cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_dim),
+                              DTYPES[cfg.dtype])
+    return cls(zeros(), zeros(), jnp.zeros((batch, slots), bool),
                jnp.zeros((), jnp.int32)).sharded()
 
   def sharded(self) -> "KVCache":
@@ -438,7 +456,8 @@ class Transformer(nnx.Module):
     embed_std = 1.0 / cfg.d_model
     self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), embed_std, ("vocab", "embed"))
     # Built in depth order either way, so both layouts draw the same initial values.
-    blocks = [Block(cfg, layer, rngs) for layer in range(cfg.num_layers)]
+    sites = site_stream(rngs)
+    blocks = [Block(cfg, layer, rngs, sites) for layer in range(cfg.num_layers)]
     self.blocks = stack_layers(blocks) if cfg.scan_layers else nnx.List(blocks)
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
     if cfg.stream_embed:

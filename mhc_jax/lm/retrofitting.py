@@ -54,7 +54,7 @@ import dataclasses
 from flax import nnx
 
 from mhc_jax.lm.model import (SITES, ModelConfig, Transformer, block_params, blocks_in_layout,
-                              from_blocks, outer_params)
+                              from_blocks, outer_params, site_stream)
 from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.modules import StreamEmbedding
 
@@ -87,9 +87,10 @@ def with_sites(cfg: ModelConfig, blocks: dict, rngs: nnx.Rngs) -> dict:
   """Pre-norm blocks' parameters in `cfg`'s layout (`block_params`) -> the same blocks, their
   arrays as they are (no copy), with the sites of `cfg` (a `retrofit_config`) added, started
   so that equal streams pass through as a pre-norm residual (the site config's
-  `passthrough_params`). `rngs` draws the sites' random parameters (mHC's `phi`), layer by
-  layer."""
+  `passthrough_params`). The sites' random parameters (mHC's `phi`) are those a fresh model
+  of `cfg` draws from `rngs` (its `site_stream`), layer by layer."""
   residual = RESIDUALS[cfg.residual]
+  rngs = site_stream(rngs)
   sites = []
   for layer in range(cfg.num_layers):
     made = {name: residual.make_site(cfg, 2 * layer + i, rngs) for i, name in enumerate(SITES)}

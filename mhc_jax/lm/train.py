@@ -6,13 +6,18 @@
 WORKDIR: `checkpoints/` (see `checkpoint.py`), `metrics.jsonl` and `tensorboard/` (see
 `metrics.py`), `config.json` (the configs in force, and under "init_from" where the run
 started: see `pretrained.py`), `schedule.json` (what defines the learning-rate schedule), and
-once all `LoopConfig.steps` are done, `finished.json` (the last logged metrics). Started again
+once all `LoopConfig.steps` are done, `finished.json` (the last logged metrics). Evaluation:
+`eval_loss` every `eval_every` steps on a fixed subset of `eval_batches` batches of validation
+windows spread over every held-out document (`Corpus.eval_batches`), comparable over steps and
+runs; at the last step also `final_eval_loss` over every validation window and the unigram /
+bigram reference of those tokens (`unigram_loss`, `bigram_loss`). Started again
 on the same WORKDIR it resumes from the latest complete checkpoint; once finished, it says so
 and does nothing.
 SIGTERM / SIGINT (preemption, Ctrl-C) finish the current step, save a checkpoint and exit.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -22,7 +27,11 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax.checks import check_int
 from mhc_jax.lm import checkpoint, pretrained
@@ -202,7 +211,10 @@ def train(workdir: str,
     return []
   if lead:
     _record_schedule(workdir, optimizer, loop, resuming=bool(start))
-  has_validation = len(corpus.validation_batches(1, **shard)) > 0
+  has_validation = len(corpus.validation_windows) > 0
+  # The same windows at every step, for every seed and variant; the last step scores them all.
+  eval_subset = corpus.eval_batches(loop.eval_batches * data.batch_size, **shard)
+  evaluate = weighted_evaluation(trainer)
   if lead and not has_validation:
     print("mhc-train: no validation data (too few or too short held-out documents): "
           "eval_loss is not computed", file=sys.stderr, flush=True)
@@ -254,8 +266,10 @@ def train(workdir: str,
                               peak_flops))
         last_time, last_step = now, step
         if (step % loop.eval_every == 0 or step == loop.steps) and has_validation:
-          row["eval_loss"] = trainer.evaluate(
-              state["params"], corpus.validation_batches(loop.eval_batches, **shard))
+          row["eval_loss"] = evaluate(state["params"], eval_subset)
+        if step == loop.steps and has_validation:
+          row["final_eval_loss"] = evaluate(state["params"], corpus.eval_batches(**shard))
+          row.update(corpus.reference_losses() or {})
         history.append(row)
         if writer:
           writer.write(step, {k: v for k, v in row.items() if k != "step"})
@@ -288,6 +302,31 @@ def train(workdir: str,
                          context=data.seq_len, encode=corpus.encode, decode=corpus.decode)
       print(f"sample after {last} steps:\n{text}", flush=True)
   return history
+
+
+def weighted_evaluation(trainer: Trainer):
+  """-> `evaluate(params, batches) -> float`: the token-weighted mean loss over `batches` of
+  `data.WeightedBatches` (padding rows weigh 0), one compiled step for all of them. Each
+  batch's sums come back in float32 and add up in float64, so the mean over a whole split
+  is as exact as one batch's."""
+  batch_shardings = {key: trainer.batch_sharding for key in ("inputs", "targets", "weights")}
+  step = jax.jit(functools.partial(_weighted_loss_sums, trainer.graphdef),
+                 in_shardings=(trainer.state_shardings["params"], batch_shardings),
+                 out_shardings=NamedSharding(trainer.mesh, P()))
+
+  def evaluate(params, batches) -> float:
+    with jax.set_mesh(trainer.mesh):  # as the Trainer's steps: Pallas kernels split per shard
+      sums = [jax.device_get(step(params, trainer.global_batch(b))) for b in batches]
+    loss_sum, weight_sum = np.sum(np.array(sums, np.float64), axis=0)
+    return float(loss_sum / weight_sum)
+  return evaluate
+
+
+def _weighted_loss_sums(graphdef, params, batch):
+  """-> (sum over tokens of weight x cross entropy, sum of weights), float32 math."""
+  logits = nnx.merge(graphdef, params)(batch["inputs"]).astype(jnp.float32)
+  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(token_loss * batch["weights"]), jnp.sum(batch["weights"])
 
 
 def _recorded_config(workdir: pathlib.Path) -> dict:
