@@ -47,7 +47,7 @@ def build(variant: str, remat: str, args):
   model = with_residual(
       ModelConfig(vocab_size=VOCAB, d_model=args.d_model, num_layers=args.layers,
                   num_heads=args.heads, mlp_dim=args.mlp_dim, dtype="float32", remat=remat),
-      residual, **settings)  # each variant's own streams: n = 4, or frac's 1 x 4 fractions
+      residual, **settings)  # each variant's own streams and fractions
   # LoopConfig.steps only sets the learning-rate schedule's length, not the work of a step.
   trainer = Trainer(model, OptimizerConfig(), MeshConfig(), LoopConfig(steps=args.steps + 1),
                     args.batch, devices=jax.devices()[:1])
@@ -98,7 +98,7 @@ HEADER = (f"| {'variant':<13} | {'remat':<7} | {'params':>9} | {'step ms':>8} | 
 def print_header(args) -> None:
   print(f"Train step (fwd+bwd+AdamW), d_model {args.d_model}, {args.layers} layers, "
         f"{args.heads} heads, mlp {args.mlp_dim}, seq {args.seq}, batch {args.batch}, float32, "
-        f"each variant's default streams (n=4; frac, mhc_frac: 1 stream x 4 fractions), "
+        f"each variant with its default settings (streams, fractions), "
         f"on {jax.devices()[0].device_kind} ({jax.default_backend()}), "
         f"median of {args.steps}, each row's steps alternating with prenorm's")
   print(HEADER)

@@ -3,14 +3,18 @@ generated from a seed, written as an lm-evaluation-harness task and scored the w
 scored GSM8K: lm-eval, few-shot, greedy, exact match of the strict-match number.
 
     task = make_task(TaskConfig(seed=0, num_train=3000, num_test=200))
-    task.test[0].text  # "Dan has 3 cups. He buys 2 more and gives away 1. How many cups
-                       #  does he have?\nAnswer: 4\n"
+    task.test[0].text  # "Dan has 11 pens. He buys 5 more and gives away 6. How many pens
+                       #  does he have?\nAnswer: 10\n"
     write_lm_eval_task(task, folder)
     result = evaluate(lm, folder, shots=1)  # {"accuracy", "stderr", ...}
 
 Four templates: add, subtract, add then subtract, multiply (bags of equal size), every number
-in them and every step between at most `TaskConfig.max_number`. The splits are disjoint: no
-test question's text occurs in the train split.
+in them and every step between at most `TaskConfig.max_number`. The splits are held out by
+arithmetic: the facts (a template and its numbers, 2 + 3 and 3 + 2 as one) are split first,
+then each split's problems are drawn from its own facts, so no test problem's arithmetic
+occurs in the train split under other names and a lookup table (`lookup_baseline`) scores
+only what the answers' skew gives. The answers take turns, so each is within one problem of
+as common as any other (`constant_baselines`: at most 5% with the defaults).
 
 The lm-eval task (`LM_EVAL_TASK`, in `write_lm_eval_task`'s folder) is lm-eval's `gsm8k` in
 this task's format: a k-shot prompt is k problems drawn from the train split by lm-eval's
@@ -27,13 +31,14 @@ import importlib.metadata
 import json
 import pathlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lm_eval
 import numpy as np
 from lm_eval.tasks import TaskManager
 
 from mhc_jax.checks import check_int
+from mhc_jax.lm.rewards import STRICT_MATCH_PATTERN
 
 PEOPLE = (("Tom", "He"), ("Ann", "She"), ("Bob", "He"), ("Eve", "She"), ("Sam", "He"),
           ("Mia", "She"), ("Joe", "He"), ("Amy", "She"), ("Ben", "He"), ("Liz", "She"),
@@ -44,7 +49,8 @@ ANSWER = "\nAnswer:"
 LM_EVAL_TASK = "mhc_word_problems"
 SCORED_BY = f"lm-eval {importlib.metadata.version('lm_eval')} {LM_EVAL_TASK} strict-match"
 # The task as lm-eval reads it (`write_lm_eval_task` fills in the files): gsm8k.yaml's fields,
-# with this task's delimiters (a shot is `Problem.text`: "... Answer: N\n") and line.
+# with this task's delimiters (a shot is `Problem.text`: "... Answer: N\n") and line;
+# strict-match's pattern is the GRPO reward's (mhc_jax.lm.rewards), one extraction for both.
 LM_EVAL_YAML = """\
 task: {name}
 dataset_path: json
@@ -73,7 +79,7 @@ filter_list:
   - name: strict-match
     filter:
       - function: regex
-        regex_pattern: "(-?[0-9]+)"
+        regex_pattern: {strict_match_pattern}
       - function: take_first
   - name: flexible-extract
     filter:
@@ -83,7 +89,7 @@ filter_list:
       - function: take_first
 """
 # Draws allowed per problem wanted before the task counts as impossible (duplicates are
-# redrawn; with max_number 9 the templates give 39,120 distinct questions).
+# redrawn; each order of a fact's numbers gives 120 questions, one per person and item).
 DRAWS_PER_PROBLEM = 20
 
 
@@ -91,13 +97,16 @@ DRAWS_PER_PROBLEM = 20
 class TaskConfig:
   """seed: fixes every problem and the split. num_train, num_test: problems per split.
   max_number: the largest number a problem holds or reaches (at least 4, so that a bag
-  problem exists). problems_per_document: train problems per fine-tuning document (a `.txt`
+  problem exists; 20 gives 21 answers, 0 to 20, so that none is more than 5% of 200 test
+  problems). held_out: the share of each template's arithmetic facts whose problems are the
+  test split's only. problems_per_document: train problems per fine-tuning document (a `.txt`
   file)."""
 
   seed: int = 0
   num_train: int = 3000
   num_test: int = 200
-  max_number: int = 9
+  max_number: int = 20
+  held_out: float = 0.2
   problems_per_document: int = 30
 
   def __post_init__(self):
@@ -105,12 +114,18 @@ class TaskConfig:
     check_int("max_number", self.max_number, minimum=4)
     for name in ("num_train", "num_test", "problems_per_document"):
       check_int(name, getattr(self, name))
+    if not 0 < self.held_out < 1:
+      raise ValueError(f"held_out must be in (0, 1), the share of arithmetic facts the test "
+                       f"split holds; got {self.held_out!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
+  """key: its arithmetic, (template name, numbers in the question's order)."""
+
   question: str
   answer: int
+  key: tuple
 
   @property
   def text(self) -> str:
@@ -124,59 +139,109 @@ class Task:
   test: tuple[Problem, ...]
 
 
-def _add(rng, top, person, pronoun, item) -> Problem:
-  a = rng.integers(1, top)
-  b = rng.integers(1, top - a + 1)
-  return Problem(f"{person} has {a} {item}. {pronoun} buys {b} more. "
-                 f"How many {item} does {pronoun.lower()} have?", int(a + b))
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """One kind of problem: `operands(top)` yields every tuple of its numbers that keeps the
+  question, each step and the answer in [0, top]; `question` words them (`str.format` of the
+  numbers, `person`, `He` (the pronoun), `he` and `item`); `commutes`: its first two numbers
+  swap without changing the arithmetic (a + b, a x b)."""
+
+  operands: Callable[[int], Iterator[tuple[int, ...]]]
+  answer: Callable[..., int]
+  question: str
+  commutes: bool
 
 
-def _subtract(rng, top, person, pronoun, item) -> Problem:
-  a = rng.integers(2, top + 1)
-  b = rng.integers(1, a + 1)
-  return Problem(f"{person} has {a} {item}. {pronoun} gives away {b}. "
-                 f"How many {item} does {pronoun.lower()} have?", int(a - b))
+TEMPLATES = {
+    "add": Template(
+        lambda top: ((a, b) for a in range(1, top) for b in range(1, top - a + 1)),
+        lambda a, b: a + b, "{person} has {0} {item}. {He} buys {1} more. "
+        "How many {item} does {he} have?", commutes=True),
+    "subtract": Template(
+        lambda top: ((a, b) for a in range(2, top + 1) for b in range(1, a + 1)),
+        lambda a, b: a - b, "{person} has {0} {item}. {He} gives away {1}. "
+        "How many {item} does {he} have?", commutes=False),
+    "add_subtract": Template(
+        lambda top: ((a, b, c) for a in range(1, top) for b in range(1, top - a + 1)
+                     for c in range(1, a + b + 1)),
+        lambda a, b, c: a + b - c, "{person} has {0} {item}. {He} buys {1} more and gives "
+        "away {2}. How many {item} does {he} have?", commutes=True),
+    "multiply": Template(
+        lambda top: ((a, b) for a in range(2, top // 2 + 1) for b in range(2, top // a + 1)),
+        lambda a, b: a * b, "{person} has {0} bags of {1} {item}. "
+        "How many {item} does {he} have?", commutes=True),
+}
 
 
-def _add_subtract(rng, top, person, pronoun, item) -> Problem:
-  a = rng.integers(1, top)
-  b = rng.integers(1, top - a + 1)
-  c = rng.integers(1, a + b + 1)
-  return Problem(f"{person} has {a} {item}. {pronoun} buys {b} more and gives away {c}. "
-                 f"How many {item} does {pronoun.lower()} have?", int(a + b - c))
+def arithmetic_facts(top: int) -> dict[str, dict[tuple, list[tuple]]]:
+  """Per template, every fact within `top`: its numbers with a sum's or a product's first two
+  sorted -> its keys, (template, numbers), one per order of them (1 + 2 and 2 + 1 are one
+  fact, held out together)."""
+  facts = {}
+  for name, template in TEMPLATES.items():
+    facts[name] = {}
+    for numbers in template.operands(top):
+      fact = (*sorted(numbers[:2]), *numbers[2:]) if template.commutes else numbers
+      facts[name].setdefault(fact, []).append((name, numbers))
+  return facts
 
 
-def _multiply(rng, top, person, pronoun, item) -> Problem:
-  a = rng.integers(2, top // 2 + 1)
-  b = rng.integers(2, top // a + 1)
-  return Problem(f"{person} has {a} bags of {b} {item}. "
-                 f"How many {item} does {pronoun.lower()} have?", int(a * b))
+def split_facts(facts: dict, held_out: float, rng: np.random.Generator) -> tuple[list, list]:
+  """-> (test, train): lists of facts' keys, `held_out` of each template's facts in test
+  (rounded, at least one of a template with two or more; train keeps at least one)."""
+  test, train = [], []
+  for by_fact in facts.values():
+    keys = list(by_fact.values())
+    count = min(max(1, round(held_out * len(keys))), len(keys) - 1)
+    order = rng.permutation(len(keys))
+    test += [keys[i] for i in order[:count]]
+    train += [keys[i] for i in order[count:]]
+  return test, train
 
 
-TEMPLATES: tuple[Callable[..., Problem], ...] = (_add, _subtract, _add_subtract, _multiply)
-
-
-def draw_problem(rng: np.random.Generator, top: int) -> Problem:
-  """One problem of a random template whose numbers, in the question, the answer and every
-  step between, lie in [0, top]."""
+def phrase(key: tuple, rng: np.random.Generator) -> Problem:
+  """The problem of `key` told of a random person and item."""
+  name, numbers = key
+  template = TEMPLATES[name]
   person, pronoun = PEOPLE[rng.integers(len(PEOPLE))]
-  item = ITEMS[rng.integers(len(ITEMS))]
-  return TEMPLATES[rng.integers(len(TEMPLATES))](rng, top, person, pronoun, item)
+  question = template.question.format(*numbers, person=person, He=pronoun, he=pronoun.lower(),
+                                      item=ITEMS[rng.integers(len(ITEMS))])
+  return Problem(question, template.answer(*numbers), key)
+
+
+def draw_problems(facts: list[list[tuple]], count: int, rng: np.random.Generator,
+                  name: str) -> tuple[Problem, ...]:
+  """`count` distinct questions of `facts` (each a list of keys), shuffled: the answers take
+  turns (each within one problem of as often as any other), then a template reaching that
+  answer, a fact of it and the order of its numbers are drawn uniformly. `name`: the config
+  field asking for `count`, for the error when too few questions exist."""
+  by_answer = {}
+  for keys in facts:
+    template, numbers = keys[0]
+    answer = TEMPLATES[template].answer(*numbers)
+    by_answer.setdefault(answer, {}).setdefault(template, []).append(keys)
+  turns = [int(a) for a in rng.permutation(sorted(by_answer))]
+  problems = {}
+  for _ in range(DRAWS_PER_PROBLEM * count):
+    by_template = by_answer[turns[len(problems) % len(turns)]]
+    template_facts = list(by_template.values())[rng.integers(len(by_template))]
+    orders = template_facts[rng.integers(len(template_facts))]
+    problem = phrase(orders[rng.integers(len(orders))], rng)
+    problems.setdefault(problem.question, problem)
+    if len(problems) == count:
+      ordered = list(problems.values())
+      return tuple(ordered[i] for i in rng.permutation(count))
+  raise ValueError(f"{name} = {count} distinct problems are more than the templates give "
+                   f"from their split's arithmetic; lower {name} or raise max_number")
 
 
 def make_task(config: TaskConfig) -> Task:
-  """Distinct questions drawn from `config.seed`: the first `num_test` are the test split,
-  the next `num_train` the train split."""
-  rng, wanted = np.random.default_rng(config.seed), config.num_test + config.num_train
-  problems = {}
-  for _ in range(DRAWS_PER_PROBLEM * wanted):
-    problem = draw_problem(rng, config.max_number)
-    problems.setdefault(problem.question, problem)
-    if len(problems) == wanted:
-      ordered = list(problems.values())
-      return Task(train=tuple(ordered[config.num_test:]), test=tuple(ordered[:config.num_test]))
-  raise ValueError(f"num_train + num_test = {wanted} distinct problems are more than the "
-                   f"templates give; ask for fewer")
+  """The facts split first (`split_facts`), then each split's problems drawn from its own
+  (`draw_problems`), all from `config.seed`."""
+  rng = np.random.default_rng(config.seed)
+  test, train = split_facts(arithmetic_facts(config.max_number), config.held_out, rng)
+  return Task(test=draw_problems(test, config.num_test, rng, "num_test"),
+              train=draw_problems(train, config.num_train, rng, "num_train"))
 
 
 def write_documents(problems, folder: pathlib.Path, per_document: int) -> str:
@@ -215,6 +280,18 @@ def constant_baselines(task: Task) -> dict:
           for name, answer in (("train_majority", train), ("best_constant", best))}
 
 
+def lookup_baseline(task: Task) -> dict:
+  """The test accuracy of a lookup table: each test problem answered with the train answer of
+  its key (the same template and numbers in the same order), else with the train split's
+  most common answer (`fallback`); `seen`: the share of test problems whose key is in train
+  (0 when the split holds the arithmetic out)."""
+  table = {p.key: p.answer for p in task.train}
+  fallback = constant_baselines(task)["train_majority"]["answer"]
+  answers = [table.get(p.key, fallback) for p in task.test]
+  return {"accuracy": float(np.mean([a == p.answer for a, p in zip(answers, task.test)])),
+          "seen": float(np.mean([p.key in table for p in task.test])), "fallback": fallback}
+
+
 def write_lm_eval_task(task: Task, folder: pathlib.Path) -> pathlib.Path:
   """The task as lm-eval's `LM_EVAL_TASK` in `folder`: its YAML, `train.jsonl` (the shots) and
   `test.jsonl`, each problem a {"question", "answer"} line; -> `folder`, lm-eval's
@@ -227,7 +304,7 @@ def write_lm_eval_task(task: Task, folder: pathlib.Path) -> pathlib.Path:
   (folder / f"{LM_EVAL_TASK}.yaml").write_text(LM_EVAL_YAML.format(
       name=LM_EVAL_TASK, train=json.dumps(str((folder / "train.jsonl").resolve())),
       test=json.dumps(str((folder / "test.jsonl").resolve())),
-      max_gen_toks=answer_tokens(task)))
+      max_gen_toks=answer_tokens(task), strict_match_pattern=json.dumps(STRICT_MATCH_PATTERN)))
   return folder
 
 

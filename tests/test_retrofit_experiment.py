@@ -59,8 +59,9 @@ def test_the_task_is_deterministic_disjoint_and_right():
 
 
 def test_too_many_problems_is_an_error():
-  with pytest.raises(ValueError, match="more than the templates give"):
-    word_problems.make_task(TaskConfig(max_number=4, num_train=5000, num_test=1))  # ~4.3k exist
+  with pytest.raises(ValueError, match="num_train = 5000 distinct problems are more than"):
+    # Its train split's arithmetic gives 3,120 questions.
+    word_problems.make_task(TaskConfig(max_number=4, num_train=5000, num_test=1))
 
 
 def test_documents_hold_the_train_split_in_order(tmp_path):
@@ -135,7 +136,7 @@ def test_strict_match_takes_the_first_number_on_the_answer_line(tmp_path):
 
 
 def test_constant_answers_score_the_skew():
-  problem = lambda answer: word_problems.Problem(f"q{answer}", answer)
+  problem = lambda answer: word_problems.Problem(f"q{answer}", answer, key=())
   task = word_problems.Task(train=tuple(map(problem, (1, 1, 2))),
                             test=tuple(map(problem, (2, 2, 1, 3))))
   assert word_problems.constant_baselines(task) == {
@@ -238,6 +239,7 @@ def test_the_cpu_preset_and_its_fine_tune_scope():
 @pytest.mark.parametrize("binding, message", [
     ('Retrofit.rows = ["prenorm", "nope"]', "rows must be"),
     ("Retrofit.shots = 9", "lower Retrofit.shots"),
+    ("TaskConfig.held_out = 1.0", "held_out must be in (0, 1)"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, binding, message):
   assert retrofit.main(["--out", str(tmp_path), "--gin_param", binding]) == 2
@@ -305,10 +307,14 @@ def test_micro_pipeline_then_reuse(tmp_path):
     assert len(kept["continuations"]) == len(kept["prompts"]) == 8
     assert kept["key"]["scored_by"] == word_problems.SCORED_BY
   assert set(summary["constant_answers"]) == {"train_majority", "best_constant"}
+  majority = summary["constant_answers"]["train_majority"]
+  assert summary["lookup_table"] == {"accuracy": majority["accuracy"], "seen": 0.0,
+                                     "fallback": majority["answer"]}
   assert [(c["row"], c["minus"]) for c in summary["comparisons"]] == [
       ("prenorm", "pretrained"), ("mhc", "prenorm")]
   text = (out / "report.md").read_text()
   assert "0.4109" in text and "0.3624" in text and "0.4443" in text
+  assert f"lookup table scores {majority['accuracy']:.3f}" in text
   for figure in retrofit.FIGURES:
     assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
   scores = sorted((out / "runs").glob(f"*/{retrofit.SCORES}"))
