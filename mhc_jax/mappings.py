@@ -342,8 +342,9 @@ class MHCConfig(_Fractions):
   0.998`. Fractions are different channels, so every share `H_res` moves across them is a
   departure from pre-norm (copies of streams are not: they stay copies). Of 0.95, 0.99 and
   0.998, only 0.998 keeps a fresh 8-site network within 2% of the pre-norm baseline (24%, 5%,
-  1.2% at n = 1, m = 4), the bound mHC's own start meets; `H(1-H)` ≈ 0.002 still moves. No finite start is exactly pre-norm (a doubly-stochastic map of positive
-  entries mixes the fractions), so `passthrough_params` refuses m > 1.
+  1.2% at n = 1, m = 4), the bound mHC's own start meets; `H(1-H)` ≈ 0.002 still moves.
+  No finite start is exactly pre-norm (a doubly-stochastic map of positive entries mixes the
+  fractions), so `passthrough_params` refuses m > 1.
   """
 
   num_streams: int
