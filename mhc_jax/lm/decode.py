@@ -90,9 +90,11 @@ def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
   logits, cache = _prefill(graphdef, state, *_left_padded(prompts, rows, width), slots=slots)
   drawn = [_draw(logits, seed, 0, *settings, mode=mode)]
   finished = np.zeros(len(prompts), bool)
+  so_far = []  # the drawn tokens on the host, each fetched once, for `eos_id` and `stop`
   for t in range(1, max_new_tokens):
     if eos_id is not None or stop is not None:  # a wait for each token: only with an end
-      finished |= _finished(drawn, len(prompts), eos_id, stop)
+      so_far.append(np.asarray(drawn[-1])[:len(prompts)])
+      finished |= _finished(so_far, eos_id, stop)
       if finished.all():
         break
     logits, cache = _step(graphdef, state, cache, drawn[-1], lengths + t - 1)
@@ -101,13 +103,13 @@ def generate(model: Transformer, prompts: Sequence, max_new_tokens: int, *,
   return [_cut_after(row, eos_id) for row in continuations]
 
 
-def _finished(drawn: list, num_prompts: int, eos_id, stop) -> np.ndarray:
-  """Which rows have ended: their newest token is `eos_id`, or `stop` says so."""
-  newest = np.asarray(drawn[-1])[:num_prompts]
-  ended = newest == eos_id if eos_id is not None else np.zeros(num_prompts, bool)
+def _finished(so_far: list[np.ndarray], eos_id, stop) -> np.ndarray:
+  """Which rows have ended, from the tokens drawn so far (one `[rows]` array a step): their
+  newest token is `eos_id`, or `stop` says so."""
+  newest = so_far[-1]
+  ended = newest == eos_id if eos_id is not None else np.zeros(len(newest), bool)
   if stop is not None:
-    so_far = np.stack(jax.device_get(drawn), axis=1)[:num_prompts]
-    ended |= np.array([bool(stop(row)) for row in so_far])
+    ended |= np.array([bool(stop(row)) for row in np.stack(so_far, axis=1)])
   return ended
 
 

@@ -38,10 +38,7 @@ def load(path, *, dtype: str = "float32", argument: str = "path") -> Loaded:
   path, the caller's name for it (lm-eval's `path`, mhc-generate's `--from`)."""
   if dtype not in DTYPES:
     raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-  try:
-    source = pretrained.read_source(str(path))
-  except ValueError as err:  # its messages call the path init_from, mhc-train's name for it
-    raise ValueError(str(err).replace("init_from ", f"{argument} ", 1)) from None
+  source = pretrained.read_source(str(path), argument)
   source = dataclasses.replace(source, config=dataclasses.replace(source.config, dtype=dtype))
   tokenizer, context = (_hf_tokenizer(source) if source.kind == pretrained.HUGGINGFACE
                         else _workdir_tokenizer(source))

@@ -59,34 +59,35 @@ class Source:
             "residual": self.config.residual}
 
 
-def read_source(init_from: str) -> Source:
-  """DIR -> its `Source`; one-line ValueError naming the file or field at fault."""
+def read_source(init_from: str, argument: str = "init_from") -> Source:
+  """DIR -> its `Source`; one-line ValueError naming the file or field at fault, DIR called
+  `argument` (the caller's name for it: mhc-train's init_from, mhc-generate's --from)."""
   folder = pathlib.Path(init_from).expanduser().resolve()
   if not folder.is_dir():
-    raise ValueError(f"init_from {folder} is not a directory")
+    raise ValueError(f"{argument} {folder} is not a directory")
   config_file = folder / CONFIG
   if not config_file.is_file():
-    raise ValueError(f"init_from {folder} holds no {CONFIG}: neither a Hugging Face checkpoint "
+    raise ValueError(f"{argument} {folder} holds no {CONFIG}: neither a Hugging Face checkpoint "
                      "nor an mhc-train workdir")
   config = read_json(config_file)
   if not isinstance(config, dict):
     raise ValueError(f"{config_file} holds no JSON object")
   if "model" in config:
-    return _workdir_source(folder, config["model"])
+    return _workdir_source(folder, config["model"], argument)
   if "model_type" in config or "architectures" in config:
     return Source(folder, HUGGINGFACE, config_from_hf(config))
   raise ValueError(f"{config_file} has neither model_type (a Hugging Face checkpoint) nor a "
                    "model section (an mhc-train workdir)")
 
 
-def _workdir_source(folder: pathlib.Path, fields) -> Source:
+def _workdir_source(folder: pathlib.Path, fields, argument: str) -> Source:
   try:
     config = ModelConfig.from_record(fields)
   except TypeError as err:  # not a dict, or a field this version does not know
     raise ValueError(f"{folder / CONFIG}'s model section is no ModelConfig: {err}") from None
   step = checkpoint.latest_step(folder)
   if step is None:
-    raise ValueError(f"init_from {folder} holds no complete checkpoint in "
+    raise ValueError(f"{argument} {folder} holds no complete checkpoint in "
                      f"{checkpoint.CHECKPOINTS}/: nothing to start from")
   return Source(folder, WORKDIR, config, step)
 
