@@ -14,6 +14,15 @@ both vary with the seed and are identical across variants. The validation docume
 same for every run (`DataConfig.split_seed`, untouched by the seeds); differences between
 variants at one seed are paired, and the report gives them next to the plain means.
 
+With `Comparison.learning_rates` (a log grid of >= 4 peak rates), each variant first sweeps
+them at `Comparison.sweep_seeds` in `OUT/sweep/<variant>_lr<rate>[_m<mult>]_seed<k>/` (HC's
+static maps and scales also at each of `Comparison.static_map_lr_multipliers`); its best point
+is the lowest mean final loss, and a best at an edge of the grid extends the grid by one log
+step there, up to `Comparison.max_extensions` times. The seeds then run at each variant's own
+best (`OUT/runs/`) and at prenorm's best rate (`OUT/runs_prenorm_best/`, where that differs),
+and the report shows both comparisons and the sweep's curves. Without it every run has the
+optimizer's rate.
+
 A finished run (`mhc_jax.lm.train.is_finished`) is reused; an unfinished one resumes where it
 stopped. A workdir trained with other configs is an error, not reused (`experiments/runs.py`).
 
@@ -27,6 +36,8 @@ losses of the same tokens, which the validation-loss plot draws as lines.
 
 import argparse
 import dataclasses
+import itertools
+import math
 import pathlib
 import sys
 
@@ -37,6 +48,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import report
+from experiments.report.thresholds import Thresholds
 from experiments.runs import (configs_json, devices_for, diagnostics_every, final_params,
                              preset_path, train_or_reuse, use_compilation_cache)
 from mhc_jax.lm import distributed, presets, train as train_lib
@@ -46,7 +58,7 @@ from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarit
 from mhc_jax.lm.metrics import read_metrics
 from mhc_jax.lm.residuals import RESIDUALS, with_residual
 from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
-from mhc_jax.lm.optimizer import OptimizerConfig
+from mhc_jax.lm.optimizer import OptimizerConfig, static_map_mask
 from mhc_jax.lm.sharding import MeshConfig
 from mhc_jax.streams import reduce_streams
 from mhc_jax.lm.train_state import Trainer
@@ -59,26 +71,98 @@ class Comparison:
   """variants: names in `residuals.RESIDUALS`. seeds: one run per variant and seed.
   num_streams: n of the stream variants. gain_points: about how many steps log the H_res gains
   (`LoopConfig.diagnostics_every` = steps // gain_points). analysis_batches: validation batches
-  the cosine similarities average over."""
+  the cosine similarities average over.
+
+  The learning-rate sweep (none when `learning_rates` is empty): learning_rates, a log grid of
+  peak rates; sweep_seeds, the seeds of each point; max_extensions, how many times a best
+  point at an edge extends the grid; static_map_lr_multipliers, swept with the rates for
+  variants with static maps (`OptimizerConfig.static_map_lr_multiplier`)."""
 
   variants: tuple[str, ...] = tuple(RESIDUALS)
   seeds: tuple[int, ...] = (0, 1)
   num_streams: int = 4
   gain_points: int = 30
   analysis_batches: int = 4
+  learning_rates: tuple[float, ...] = ()
+  sweep_seeds: tuple[int, ...] = (0,)
+  max_extensions: int = 2
+  static_map_lr_multipliers: tuple[float, ...] = (1.0,)
 
   def __post_init__(self):
     # Lists (e.g. from gin or the command line) become tuples so the config stays hashable.
-    object.__setattr__(self, "variants", tuple(self.variants))
-    object.__setattr__(self, "seeds", tuple(self.seeds))
+    for name in ("variants", "seeds", "learning_rates", "sweep_seeds",
+                 "static_map_lr_multipliers"):
+      object.__setattr__(self, name, tuple(getattr(self, name)))
     unknown = set(self.variants) - set(RESIDUALS)
     if not self.variants or unknown or len(set(self.variants)) != len(self.variants):
       raise ValueError(f"variants must be distinct ones of {', '.join(RESIDUALS)}; got "
                        f"{list(self.variants)}")
-    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-      raise ValueError(f"seeds must be distinct and at least one; got {list(self.seeds)}")
+    for name in ("seeds", "sweep_seeds"):
+      seeds = getattr(self, name)
+      if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{name} must be distinct and at least one; got {list(seeds)}")
     for name in ("num_streams", "gain_points", "analysis_batches"):
       check_int(name, getattr(self, name))
+    check_int("max_extensions", self.max_extensions, minimum=0)
+    multipliers = self.static_map_lr_multipliers
+    if not multipliers or len(set(multipliers)) != len(multipliers) or \
+        not all(m > 0 and math.isfinite(m) for m in multipliers):
+      raise ValueError("static_map_lr_multipliers must be distinct, positive and at least one; "
+                       f"got {list(multipliers)}")
+    if self.learning_rates:
+      check_log_grid(self.learning_rates)
+      if report.BASELINE not in self.variants:
+        raise ValueError(f"a learning-rate sweep needs {report.BASELINE!r} among the variants "
+                         "(the second comparison runs every variant at its best rate)")
+
+  @property
+  def sweeps(self) -> bool:
+    return bool(self.learning_rates)
+
+
+# A grid's log steps may differ by this fraction of their mean: a 1, 3, 10, 30 grid is one.
+LOG_STEP_TOLERANCE = 0.1
+MIN_GRID = 4
+
+
+def check_log_grid(rates) -> None:
+  """One-line ValueError unless `rates` are >= MIN_GRID positive increasing rates evenly
+  spaced in log (within LOG_STEP_TOLERANCE)."""
+  shown = ", ".join(f"{r:g}" for r in rates)
+  if len(rates) < MIN_GRID:
+    raise ValueError(f"learning_rates needs at least {MIN_GRID} rates for a sweep; got "
+                     f"[{shown}]")
+  if not all(r > 0 and math.isfinite(r) for r in rates):
+    raise ValueError(f"learning_rates must be positive; got [{shown}]")
+  steps = np.diff(np.log(rates))
+  if not np.all(steps > 0):
+    raise ValueError(f"learning_rates must increase; got [{shown}]")
+  if np.max(np.abs(steps - steps.mean())) > LOG_STEP_TOLERANCE * steps.mean():
+    raise ValueError(f"learning_rates must be evenly spaced in log (e.g. 1e-3, 3e-3, 1e-2, "
+                     f"3e-2); got [{shown}]")
+
+
+def grid_edge(grid: tuple[float, ...], rate: float) -> str | None:
+  """"low" or "high" when `rate` is the grid's lowest or highest, else None."""
+  return {grid[0]: "low", grid[-1]: "high"}.get(rate)
+
+
+def extended_grid(grid: tuple[float, ...], edge: str) -> tuple[float, ...]:
+  """`grid` with one more rate past `edge`, one step of the grid's pattern further: the
+  ratio two steps in (a 1, 3, 10 grid goes on to 30 and 100); rounded to 3 digits."""
+  if edge == "high":
+    return (*grid, float(f"{grid[-1] * grid[-2] / grid[-3]:.3g}"))
+  return (float(f"{grid[0] * grid[1] / grid[2]:.3g}"), *grid)
+
+
+def best_point(means: dict) -> object:
+  """The key of the lowest finite mean loss (a diverged point's is not); the first of
+  equals."""
+  finite = {point: mean for point, mean in means.items() if math.isfinite(mean)}
+  if not finite:
+    raise ValueError(f"no finite final loss at any point of the sweep {list(means)}: every "
+                     "rate diverged; sweep lower rates")
+  return min(finite, key=finite.get)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +176,13 @@ class Settings:
   optimizer: OptimizerConfig
   mesh: MeshConfig
   loop: LoopConfig
+  thresholds: Thresholds = Thresholds()
 
 
 def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Settings:
   """Parses the preset, then `gin_params`; `variants` / `seeds` replace the preset's."""
   configs, _ = presets.parse([str(preset_path(preset))], gin_params,
-                             extra={"comparison": Comparison})
+                             extra={"comparison": Comparison, "thresholds": Thresholds})
   comparison = configs.pop("comparison")
   overrides = {k: v for k, v in (("variants", variants), ("seeds", seeds)) if v is not None}
   return Settings(dataclasses.replace(comparison, **overrides), **configs)
@@ -107,14 +192,15 @@ def run_name(variant: str, seed: int) -> str:
   return f"{variant}_seed{seed}"
 
 
-def run_configs(settings: Settings, variant: str, seed: int) -> dict:
-  """The `train` keyword arguments of one run."""
+def run_configs(settings: Settings, variant: str, seed: int,
+                optimizer: OptimizerConfig | None = None) -> dict:
+  """The `train` keyword arguments of one run; `optimizer` (the sweep's) replaces the
+  settings'."""
   loop = settings.loop
   return {
-      "model": with_residual(settings.model, variant,
-                             num_streams=settings.comparison.num_streams),
+      "model": variant_model(settings, variant),
       "data": dataclasses.replace(settings.data, seed=seed),
-      "optimizer": settings.optimizer,
+      "optimizer": optimizer or settings.optimizer,
       "mesh": settings.mesh,
       "loop": dataclasses.replace(
           loop, seed=seed, sample_tokens=0,
@@ -122,13 +208,105 @@ def run_configs(settings: Settings, variant: str, seed: int) -> dict:
   }
 
 
-def train_runs(settings: Settings, runs_dir: pathlib.Path, progress: bool = True) -> None:
-  """Trains (or resumes, or reuses) every variant and seed, one after another."""
+def variant_model(settings: Settings, variant: str) -> ModelConfig:
+  return with_residual(settings.model, variant, num_streams=settings.comparison.num_streams)
+
+
+def has_static_maps(model: ModelConfig) -> bool:
+  """Whether the model has Variables tagged `static_map` (HC's static maps and scales)."""
+  abstract = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(0)))
+  return any(jax.tree.leaves(static_map_mask(nnx.state(abstract))))
+
+
+# Where each (variant, seed) of a plan trains, and how: {(variant, seed): (workdir, configs)}.
+Plan = dict[tuple[str, int], tuple[pathlib.Path, dict]]
+
+
+def seed_plan(settings: Settings, runs_dir: pathlib.Path,
+              optimizers: dict[str, OptimizerConfig] | None = None) -> Plan:
+  """Every variant and seed in `runs_dir`, at its optimizer in `optimizers` (default: the
+  settings')."""
+  optimizers = optimizers or {}
+  return {(v, s): (runs_dir / run_name(v, s), run_configs(settings, v, s, optimizers.get(v)))
+          for v in settings.comparison.variants for s in settings.comparison.seeds}
+
+
+def train_plan(runs, progress: bool = True) -> None:
+  """Trains (or resumes, or reuses) every (workdir, configs) of `runs` (a plan's values), one
+  after another."""
+  train_or_reuse([(workdir, configs, configs) for workdir, configs in runs],
+                 "compare_residuals", progress)
+
+
+def sweep_name(variant: str, rate: float, multiplier: float, seed: int) -> str:
+  shown = "" if multiplier == 1.0 else f"_m{multiplier:g}"
+  return f"{variant}_lr{rate:g}{shown}_seed{seed}"
+
+
+def sweep_optimizer(settings: Settings, rate: float, multiplier: float) -> OptimizerConfig:
+  return dataclasses.replace(settings.optimizer, learning_rate=rate,
+                             static_map_lr_multiplier=multiplier)
+
+
+def sweep_loss(workdir: pathlib.Path, configs: dict, progress: bool) -> float:
+  """Trains (or reuses) one point's run; -> its final loss, inf when it stopped at a
+  non-finite value (a rate too high: the sweep goes on without it)."""
+  try:
+    train_plan([(workdir, configs)], progress)
+  except train_lib.NonFiniteError as err:
+    if jax.process_index() == 0:
+      print(f"{workdir.name}: diverged ({err})", flush=True)
+    return math.inf
+  return report.final_eval_loss(read_metrics(workdir), workdir.name)
+
+
+def sweep_variant(settings: Settings, variant: str, sweep_dir: pathlib.Path,
+                  progress: bool = True) -> dict:
+  """Trains the variant's sweep, extending its grid while the best point is at an edge;
+  -> its entry of summary.json's `sweep`."""
   comparison = settings.comparison
-  runs = [(runs_dir / run_name(v, s), run_configs(settings, v, s))
-          for v in comparison.variants for s in comparison.seeds]
-  train_or_reuse([(workdir, configs, configs) for workdir, configs in runs], "compare_residuals",
-                 progress)
+  multipliers = (comparison.static_map_lr_multipliers
+                 if has_static_maps(variant_model(settings, variant)) else (1.0,))
+  grid = comparison.learning_rates
+  for extensions in itertools.count():
+    plan = {(rate, multiplier, seed): (
+        sweep_dir / sweep_name(variant, rate, multiplier, seed),
+        run_configs(settings, variant, seed, sweep_optimizer(settings, rate, multiplier)))
+        for rate in grid for multiplier in multipliers for seed in comparison.sweep_seeds}
+    losses = {key: sweep_loss(workdir, configs, progress)
+              for key, (workdir, configs) in plan.items()}
+    points = [{"learning_rate": rate, "static_map_lr_multiplier": multiplier,
+               "final_eval_loss": {
+                   "per_seed": {str(s): losses[rate, multiplier, s]
+                                for s in comparison.sweep_seeds},
+                   "mean": float(np.mean([losses[rate, multiplier, s]
+                                          for s in comparison.sweep_seeds]))}}
+              for rate in grid for multiplier in multipliers]
+    rate, multiplier = best_point({(p["learning_rate"], p["static_map_lr_multiplier"]):
+                                   p["final_eval_loss"]["mean"] for p in points})
+    edge = grid_edge(grid, rate)
+    if edge is None or extensions == comparison.max_extensions:
+      return {"grid": list(grid), "static_map_lr_multipliers": list(multipliers),
+              "points": points, "extensions": extensions, "edge": edge,
+              "inside": edge is None,
+              "chosen": {"learning_rate": rate, "static_map_lr_multiplier": multiplier}}
+    grid = extended_grid(grid, edge)
+
+
+def chosen_optimizer(settings: Settings, chosen: dict) -> OptimizerConfig:
+  return sweep_optimizer(settings, chosen["learning_rate"], chosen["static_map_lr_multiplier"])
+
+
+def arm_plans(settings: Settings, sweep: dict, out: pathlib.Path) -> tuple[Plan, Plan]:
+  """The seeds' runs at each variant's own best (`OUT/runs/`) and at prenorm's best rate with
+  no multiplier (`OUT/runs_prenorm_best/`, or the own-best run where the two are one)."""
+  own = {v: chosen_optimizer(settings, entry["chosen"]) for v, entry in sweep.items()}
+  baseline_rate = sweep[report.BASELINE]["chosen"]["learning_rate"]
+  at_baseline = {v: sweep_optimizer(settings, baseline_rate, 1.0) for v in sweep}
+  own_plan = seed_plan(settings, out / "runs", own)
+  baseline_plan = seed_plan(settings, out / "runs_prenorm_best", at_baseline)
+  return own_plan, {key: own_plan[key] if at_baseline[key[0]] == own[key[0]] else run
+                    for key, run in baseline_plan.items()}
 
 
 def block_outputs(model: Transformer, tokens: jax.Array) -> jax.Array:
@@ -158,21 +336,21 @@ def compiled_similarities(trainer: Trainer):
                  out_shardings=NamedSharding(trainer.mesh, P()))
 
 
-def analyse_runs(settings: Settings, runs_dir: pathlib.Path) -> list[report.Run]:
+def analyse_runs(settings: Settings, plan: Plan) -> list[report.Run]:
   """Reads every run's metrics and measures its final parameters on validation batches."""
   comparison, shard = settings.comparison, dict(shard_index=jax.process_index(),
                                                 shard_count=jax.process_count())
   corpora = {seed: Corpus(run_configs(settings, comparison.variants[0], seed)["data"])
              for seed in comparison.seeds}  # the data depend on the seed only
   results = []
-  for variant in comparison.variants:
+  for variant in dict.fromkeys(v for v, _ in plan):
     # One trainer and one compiled forward per variant: the seeds only change values.
-    configs = run_configs(settings, variant, comparison.seeds[0])
+    runs = {seed: run for (v, seed), run in plan.items() if v == variant}
+    configs = next(iter(runs.values()))[1]
     trainer = Trainer(configs["model"], configs["optimizer"], configs["mesh"], configs["loop"],
                       configs["data"].batch_size, devices_for(settings.mesh))
     measure = compiled_similarities(trainer)
-    for seed in comparison.seeds:
-      workdir = runs_dir / run_name(variant, seed)
+    for seed, (workdir, _) in runs.items():
       params = final_params(trainer, workdir, settings.loop.steps)
       batches = corpora[seed].validation_batches(comparison.analysis_batches, **shard)
       with jax.set_mesh(trainer.mesh):
@@ -185,23 +363,58 @@ def analyse_runs(settings: Settings, runs_dir: pathlib.Path) -> list[report.Run]
   return results
 
 
+def analyse_arms(settings: Settings, own: Plan, at_baseline: Plan) -> tuple[list, list]:
+  """`analyse_runs` of both arms, measuring a run the two share once."""
+  own_runs = analyse_runs(settings, own)
+  measured = {own[r.variant, r.seed][0]: r for r in own_runs}
+  others = analyse_runs(settings, {k: run for k, run in at_baseline.items()
+                                   if run[0] not in measured})
+  measured |= {at_baseline[r.variant, r.seed][0]: r for r in others}
+  return own_runs, [measured[workdir] for workdir, _ in at_baseline.values()]
+
+
 def settings_summary(settings: Settings, preset: str) -> dict:
   """The settings the report states, JSON-ready: every run's configs, less what varies."""
   comparison = settings.comparison
   configs = configs_json(run_configs(settings, comparison.variants[0], comparison.seeds[0]))
-  for group, key in (("model", "residual"), ("model", "residual_settings"), ("data", "seed"),
-                     ("loop", "seed")):
+  varying = [("model", "residual"), ("model", "residual_settings"), ("data", "seed"),
+             ("loop", "seed")]
+  if comparison.sweeps:  # each variant's rates are in the sweep's entry
+    varying += [("optimizer", "learning_rate"), ("optimizer", "static_map_lr_multiplier")]
+  for group, key in varying:
     del configs[group][key]
   devices = devices_for(settings.mesh)
+  fields = dataclasses.asdict(comparison)
+  if not comparison.sweeps:  # the report of a comparison without one, as before the sweep
+    for name in SWEEP_FIELDS:
+      del fields[name]
   return {
       "preset": preset,
-      **dataclasses.asdict(comparison),
+      **fields,
       "each seed sets": "LoopConfig.seed (initialisation) and DataConfig.seed (data order); "
                         "the validation split is DataConfig.split_seed's for every run",
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
       "jax": jax.__version__,
+      "thresholds": dataclasses.asdict(settings.thresholds),
       **configs,
   }
+
+
+SWEEP_FIELDS = ("learning_rates", "sweep_seeds", "max_extensions", "static_map_lr_multipliers")
+
+
+def compare(settings: Settings, out: pathlib.Path, preset: str, progress: bool) -> None:
+  """Trains the sweep (if any) and the seeds, analyses them, writes the report."""
+  sweep = ({v: sweep_variant(settings, v, out / "sweep", progress)
+            for v in settings.comparison.variants} if settings.comparison.sweeps else None)
+  own, at_baseline = (arm_plans(settings, sweep, out) if sweep else
+                      (seed_plan(settings, out / "runs"), {}))
+  train_plan(own.values(), progress)
+  train_plan([run for key, run in at_baseline.items() if run[0] != own[key][0]], progress)
+  own_runs, baseline_runs = analyse_arms(settings, own, at_baseline)
+  if jax.process_index() == 0:  # the summary refuses runs it cannot compare
+    report.write_report(out, own_runs, settings_summary(settings, preset), sweep=sweep,
+                        prenorm_best=baseline_runs)
 
 
 def parse_args(argv):
@@ -239,10 +452,8 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   use_compilation_cache(out / "runs")
   try:
-    train_runs(settings, out / "runs", progress=not args.no_progress)
-    runs = analyse_runs(settings, out / "runs")
-    if jax.process_index() == 0:  # the summary refuses runs it cannot compare
-      report.write_report(out, runs, settings_summary(settings, args.preset))
+    compare(settings, out, args.preset, progress=not args.no_progress)
+    if jax.process_index() == 0:
       print(f"report: {out / 'report.md'}", flush=True)
   except (ValueError, train_lib.NonFiniteError) as err:
     print(f"compare_residuals: {err}", file=sys.stderr)

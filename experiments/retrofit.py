@@ -62,7 +62,9 @@ from experiments.report.figures import (DPI, plot_curve, plot_gains_over_trainin
                                         plot_gains_per_layer)
 from experiments.report.numbers import mean_std  # noqa: E402
 from mhc_jax.checks import check_int, one_line  # noqa: E402
-from mhc_jax.lm import presets, train as train_lib  # noqa: E402
+from mhc_jax.lm import checkpoint, grpo, presets, train as train_lib  # noqa: E402
+from mhc_jax.lm.grpo import GRPOConfig  # noqa: E402
+from mhc_jax.lm.grpo_cli import GRPO_CONFIG  # noqa: E402
 from mhc_jax.lm.data import Corpus, DataConfig  # noqa: E402
 from mhc_jax.lm.harness import MhcJaxLM  # noqa: E402
 from mhc_jax.lm.metrics import read_metrics  # noqa: E402
@@ -77,24 +79,30 @@ from mhc_jax.lm.train import LoopConfig  # noqa: E402
 
 PRESET_DIR = presets.PRESET_DIR / "retrofit"
 FINETUNE = "finetune"  # the gin scope of the fine-tunes' configs
+GRPO_SCOPE = "grpo"  # the gin scope of the GRPO rows' optimizer (`grpo/OptimizerConfig.*`)
 PRETRAIN = "pretrain"  # its run's folder in OUT/runs/
 SCORES = "few_shot.json"  # a model's scores, in its run's folder
 EVAL_BATCH_SIZE = 50  # prompts decoded together
 FIGURES = ("accuracy.png", "loss_train.png", "loss_eval.png", "gain_over_training.png",
            "gain_per_layer.png")
-ROWS = {"pretrained": "pretrained, no fine-tune",
-        "prenorm": "pre-norm fine-tune (the blog's SFT baseline)",
-        "hc": "HC retrofit + fine-tune",
-        "mhc": "mHC retrofit + fine-tune",
-        "mhc_lite": "mHC-lite retrofit + fine-tune"}
+GRPO_FIGURES = ("grpo_reward.png",)  # with GRPO rows
+FINETUNED = {"prenorm": "pre-norm fine-tune (the blog's SFT baseline)",
+             "hc": "HC retrofit + fine-tune",
+             "mhc": "mHC retrofit + fine-tune",
+             "mhc_lite": "mHC-lite retrofit + fine-tune"}
+GRPO = "+grpo"  # a row's suffix: the fine-tune of that row, then GRPO on the word problems
+ROWS = {"pretrained": "pretrained, no fine-tune", **FINETUNED,
+        **{row + GRPO: f"{name} + GRPO" for row, name in FINETUNED.items()}}
 BLOG = {"source": "Suhas Chundi's blog post on HC and mHC (code: github.com/s-chundi/"
                   "deepseek_mhc): Qwen3-0.6B, GSM8K, lm-eval 5-shot strict-match; full SFT "
                   "1 epoch at learning rate 1e-6",
-        "accuracy": {"pretrained": 0.4109, "prenorm": 0.3624, "hc": 0.4443},
-        "stderr": {"pretrained": 0.0136, "prenorm": 0.0132, "hc": 0.0137}}
+        "accuracy": {"pretrained": 0.4109, "prenorm": 0.3624, "hc": 0.4443, "hc+grpo": 0.4541},
+        "stderr": {"pretrained": 0.0136, "prenorm": 0.0132, "hc": 0.0137, "hc+grpo": 0.0137}}
 # (row, minus row): the differences the report judges; the blog has the first three.
 COMPARISONS = (("prenorm", "pretrained"), ("hc", "prenorm"), ("hc", "pretrained"),
-               ("mhc", "prenorm"), ("mhc_lite", "prenorm"))
+               ("hc+grpo", "hc"), ("mhc", "prenorm"), ("mhc_lite", "prenorm"),
+               ("prenorm+grpo", "prenorm"), ("mhc+grpo", "mhc"), ("mhc_lite+grpo", "mhc_lite"),
+               ("hc+grpo", "prenorm+grpo"))
 # A difference is resolved when its mean is at least this many standard errors from 0.
 RESOLVED_SE = 2.0
 
@@ -109,7 +117,7 @@ class Retrofit:
   of the retrofitted rows. shots: solved examples in each evaluation prompt. gain_points:
   about how many fine-tune steps log the H_res gains."""
 
-  rows: tuple[str, ...] = tuple(ROWS)
+  rows: tuple[str, ...] = ("pretrained", *FINETUNED)  # GRPO rows need the [rl] extra
   seeds: tuple[int, ...] = (0, 1, 2)
   num_streams: int = 4
   shots: int = 1
@@ -122,6 +130,10 @@ class Retrofit:
     unknown = set(self.rows) - set(ROWS)
     if not self.rows or unknown or len(set(self.rows)) != len(self.rows):
       raise ValueError(f"rows must be distinct ones of {', '.join(ROWS)}; got {list(self.rows)}")
+    for row in self.post_trained:
+      if row.removesuffix(GRPO) not in self.rows:
+        raise ValueError(f"row {row} post-trains row {row.removesuffix(GRPO)}'s fine-tunes: "
+                         "add that row too")
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"seeds must be distinct and at least one; got {list(self.seeds)}")
     check_int("num_streams", self.num_streams, minimum=2)
@@ -130,13 +142,19 @@ class Retrofit:
 
   @property
   def finetuned(self) -> tuple[str, ...]:
-    return tuple(row for row in self.rows if row != "pretrained")
+    return tuple(row for row in self.rows if row in FINETUNED)
+
+  @property
+  def post_trained(self) -> tuple[str, ...]:
+    """The GRPO rows (`row + GRPO`)."""
+    return tuple(row for row in self.rows if row.endswith(GRPO))
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The pretraining's configs (`model` ... `loop`), the fine-tunes' (`finetune`: data,
-  optimizer, mesh, loop, before a row and seed are set in them), the task and the rows."""
+  optimizer, mesh, loop, before a row and seed are set in them), the task and the rows, and
+  the GRPO rows' settings (`grpo`, its prompts and seed set per run; `grpo_optimizer`)."""
 
   retrofit: Retrofit
   task: word_problems.TaskConfig
@@ -146,6 +164,8 @@ class Settings:
   mesh: MeshConfig
   loop: LoopConfig
   finetune: dict
+  grpo: GRPOConfig
+  grpo_optimizer: OptimizerConfig
 
   @property
   def pretrain_configs(self) -> dict:
@@ -158,8 +178,9 @@ def load_settings(preset: str, gin_params=()) -> Settings:
   """Parses the preset, then `gin_params`."""
   configs, _ = presets.parse(
       [str(preset_path(preset, PRESET_DIR))], gin_params,
-      extra={"retrofit": Retrofit, "task": TASK_CONFIG,
-             FINETUNE: lambda: presets.scoped_configs(FINETUNE)})
+      extra={"retrofit": Retrofit, "task": TASK_CONFIG, "grpo": GRPO_CONFIG,
+             FINETUNE: lambda: presets.scoped_configs(FINETUNE),
+             "grpo_optimizer": lambda: presets.scoped_configs(GRPO_SCOPE)["optimizer"]})
   finetune = configs.pop(FINETUNE)
   if finetune.pop("model") != configs["model"]:
     raise ValueError(f"{FINETUNE}/ModelConfig bindings cannot apply: a fine-tune keeps the "
@@ -169,6 +190,28 @@ def load_settings(preset: str, gin_params=()) -> Settings:
 
 def run_name(row: str, seed: int) -> str:
   return f"{row}_seed{seed}"
+
+
+def grpo_prompts(out: pathlib.Path) -> pathlib.Path:
+  """The GRPO rows' prompts: the train split's problems (`word_problems.write_prompts`)."""
+  return out / "task" / "grpo_prompts.jsonl"
+
+
+def grpo_config(settings: Settings, out: pathlib.Path, seed: int) -> GRPOConfig:
+  """A GRPO run's settings: the preset's, on the train problems, drawing from `seed`."""
+  return dataclasses.replace(settings.grpo, prompts=str(grpo_prompts(out)), seed=seed)
+
+
+def post_train_runs(settings: Settings, out: pathlib.Path, progress: bool) -> None:
+  """GRPO on every GRPO row's fine-tune at each seed (resumed or reused as `post_train`
+  does)."""
+  runs = [(row, seed) for row in settings.retrofit.post_trained for seed in settings.retrofit.seeds]
+  for i, (row, seed) in enumerate(runs, 1):
+    print(f"[{i}/{len(runs)}] grpo {run_name(row, seed)}", flush=True)
+    grpo.post_train(str(out / "runs" / run_name(row, seed)),
+                    str(out / "runs" / run_name(row.removesuffix(GRPO), seed)),
+                    grpo_config(settings, out, seed), settings.grpo_optimizer,
+                    settings.finetune["mesh"], progress=progress)
 
 
 def task_source(out: pathlib.Path) -> str:
@@ -235,9 +278,15 @@ def train_runs(settings: Settings, out: pathlib.Path, progress: bool) -> None:
 
 
 def restore(configs: dict, workdir: pathlib.Path) -> tuple[Trainer, dict]:
-  """A run's trainer and final parameters."""
+  """A run's trainer and final parameters (a GRPO run's: its policy's, at `configs["grpo"]`'s
+  last step)."""
   trainer = Trainer(configs["model"], configs["optimizer"], configs["mesh"], configs["loop"],
                     configs["data"].batch_size, devices_for(configs["mesh"]))
+  if "grpo" in configs:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            trainer.abstract_state["params"])
+    return trainer, checkpoint.restore_params(workdir.absolute(), configs["grpo"].steps,
+                                              abstract)
   return trainer, final_params(trainer, workdir, configs["loop"].steps)
 
 
@@ -250,7 +299,8 @@ def scores(settings: Settings, task_folder: pathlib.Path, corpus: Corpus, config
   key = {"task": dataclasses.asdict(settings.task), "shots": settings.retrofit.shots,
          "data": dataclasses.asdict(corpus.config),
          "eval_batches": settings.finetune["loop"].eval_batches,
-         "scored_by": word_problems.SCORED_BY}
+         "scored_by": word_problems.SCORED_BY,
+         **({"grpo": dataclasses.asdict(configs["grpo"])} if "grpo" in configs else {})}
   path = workdir / SCORES
   if path.is_file():
     kept = json.loads(path.read_text())
@@ -282,6 +332,10 @@ def evaluate_runs(settings: Settings, corpus: Corpus, out: pathlib.Path) -> list
             if "pretrained" in retrofit.rows else [])
   models += [(row, seed, run_name(row, seed), run_configs(settings, out, row, seed))
              for row in retrofit.finetuned for seed in retrofit.seeds]
+  models += [(row, seed, run_name(row, seed),
+              {**run_configs(settings, out, row.removesuffix(GRPO), seed),
+               "grpo": grpo_config(settings, out, seed)})
+             for row in retrofit.post_trained for seed in retrofit.seeds]
   results = []
   for i, (row, seed, name, configs) in enumerate(models, 1):
     workdir = out / "runs" / name
@@ -371,7 +425,14 @@ def settings_summary(settings: Settings, epochs: float) -> dict:
   del configs["finetune"]["data"]["source"], configs["finetune"]["data"]["seed"]
   del configs["finetune"]["loop"]["seed"]
   devices = devices_for(settings.mesh)
+  # A GRPO run's prompts and seed are the script's (OUT's problems, the row's seed).
+  grpo_run = dataclasses.replace(settings.grpo, prompts=str(grpo_prompts(pathlib.Path("OUT"))),
+                                 seed=0)
+  grpo_settings = ({"grpo": dataclasses.asdict(grpo_run),
+                    "grpo_optimizer": dataclasses.asdict(settings.grpo_optimizer)}
+                   if settings.retrofit.post_trained else {})
   return {**dataclasses.asdict(settings.retrofit), "task": dataclasses.asdict(settings.task),
+          **grpo_settings,
           "finetune_epochs": epochs,
           "each seed sets": "the fine-tunes' LoopConfig.seed (the new sites' random "
                             "parameters) and DataConfig.seed (the order of the problems)",
@@ -383,9 +444,10 @@ def plot_accuracy(path: pathlib.Path, summary: dict) -> None:
   """Left: each row's accuracy here (mean ± SE over seeds, seeds as dots); right: the blog's
   (± lm-eval's stderr)."""
   fig, (ours, theirs) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained",
-                                     gridspec_kw={"width_ratios": [len(summary["rows"]), 3]})
+                                     gridspec_kw={"width_ratios": [len(summary["rows"]),
+                                                                   len(BLOG["accuracy"])]})
   for i, (row, entry) in enumerate(summary["rows"].items()):
-    color = RESIDUALS[row].color if row in RESIDUALS else "gray"
+    color = row_color(row)
     acc = entry["accuracy"]
     ours.bar(i, acc["mean"], yerr=0 if math.isnan(acc["stderr"]) else acc["stderr"],
              color=color, alpha=0.6, capsize=4)
@@ -401,7 +463,7 @@ def plot_accuracy(path: pathlib.Path, summary: dict) -> None:
                  "(mean ± SE over seeds; dots: seeds)", ylabel="exact match", ylim=(0, 1))
   blog = BLOG["accuracy"]
   theirs.bar(range(len(blog)), list(blog.values()), yerr=list(BLOG["stderr"].values()),
-             color=[RESIDUALS[row].color if row in RESIDUALS else "gray" for row in blog],
+             color=[row_color(row) for row in blog],
              alpha=0.6, capsize=4)
   for i, value in enumerate(blog.values()):
     theirs.text(i, value + 0.03, f"{value:.4f}", ha="center")
@@ -413,10 +475,22 @@ def plot_accuracy(path: pathlib.Path, summary: dict) -> None:
   plt.close(fig)
 
 
+def row_color(row: str) -> str:
+  """A row's colour: its variant's (a GRPO row's, that of the row it post-trains)."""
+  entry = RESIDUALS.get(row.removesuffix(GRPO))
+  return entry.color if entry else "gray"
+
+
 def plot_all(out: pathlib.Path, summary: dict, results: list[dict]) -> None:
   plot_accuracy(out / "accuracy.png", summary)
-  groups = report.numbers.by_variant([report.Run(r["row"], r["seed"], r["metrics"], 0)
-                                      for r in results if r["seed"] is not None])
+  runs = lambda grpo_rows: report.numbers.by_variant([
+      report.Run(r["row"], r["seed"], r["metrics"], 0) for r in results
+      if r["seed"] is not None and r["row"].endswith(GRPO) == grpo_rows])
+  if post_trained := runs(True):
+    plot_curve(out / "grpo_reward.png", post_trained, "reward",
+               "GRPO: mean reward of the rollouts (exact match + format, 0 or 1 each)",
+               "reward per completion")
+  groups = runs(False)
   if not groups:
     return
   plot_curve(out / "loss_train.png", groups, "train_loss",
@@ -536,9 +610,34 @@ def markdown(summary: dict) -> str:
       "",
       "![gain per layer](gain_per_layer.png)",
       "",
+      *_grpo_section(summary),
       "All settings are in `summary.json` (`settings`).",
       "",
   ])
+
+
+def _grpo_section(summary: dict) -> list[str]:
+  """The GRPO rows' settings and reward curves; nothing without GRPO rows."""
+  if not any(row.endswith(GRPO) for row in summary["rows"]):
+    return []
+  g = summary["settings"]["grpo"]
+  return [
+      "## GRPO",
+      "",
+      f"Each GRPO row starts from its row's fine-tune at the same seed (`mhc-grpo`, tunix's "
+      f"GRPO learner): {g['steps']} steps, each on {g['prompts_per_step']} train-split problems "
+      f"(zero-shot prompts) x {g['group_size']} completions of up to {g['max_new_tokens']} "
+      f"tokens at temperature {g['temperature']:g}; reward = exact match of the strict-match "
+      f"number + the answer line's format; KL coefficient {g['kl_coeff']:g} "
+      f"({g['kl_estimator']}) to the fine-tune, clipping {g['clip_epsilon']:g}, peak learning "
+      f"rate {summary['settings']['grpo_optimizer']['learning_rate']:g}. The seed sets the "
+      "draws and the order of the problems.",
+      "",
+      "Mean over seeds; the band spans min to max over seeds.",
+      "",
+      "![GRPO reward](grpo_reward.png)",
+      "",
+  ]
 
 
 def write_report(out: pathlib.Path, settings: Settings, task: word_problems.Task,
@@ -576,8 +675,10 @@ def main(argv=None) -> int:
   use_compilation_cache(out / "runs")
   word_problems.write_documents(task.train, out / "task", settings.task.problems_per_document)
   word_problems.write_lm_eval_task(task, lm_eval_task(out))
+  word_problems.write_prompts(task.train, grpo_prompts(out))
   try:
     train_runs(settings, out, progress=not args.no_progress)
+    post_train_runs(settings, out, progress=not args.no_progress)
     corpus = task_corpus(settings, out)
     write_report(out, settings, task, evaluate_runs(settings, corpus, out), corpus)
   except (ValueError, train_lib.NonFiniteError) as err:

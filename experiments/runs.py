@@ -60,7 +60,7 @@ def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
     # With --multihost every process may write it at once (the same text); none reads half.
     write_atomically(path, json.dumps(wanted, indent=2) + "\n")
     return
-  found = json.loads(path.read_text())
+  found = with_added_defaults(json.loads(path.read_text()), configs)
   if FLAT_SETTINGS.keys() & found.get("model", {}).keys():  # recorded before variant settings
     found["model"] = configs_json({"model": ModelConfig.from_record(found["model"])})["model"]
   if found != wanted:
@@ -68,6 +68,18 @@ def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
                      if found.get(group, {}).get(key) != wanted[group][key])
     raise ValueError(f"{workdir} was trained with other configs (differing: "
                      f"{', '.join(changed)}); choose another --out or delete that run")
+
+
+def with_added_defaults(found: dict, configs: dict) -> dict:
+  """A run's record `found`, each config's fields added since it was written filled in at
+  their defaults: the run trained with them (e.g. `OptimizerConfig.static_map_lr_multiplier`,
+  1.0, which changes nothing)."""
+  for group, config in configs.items():
+    if dataclasses.is_dataclass(config) and isinstance(found.get(group), dict):
+      defaults = configs_json({group: type(config)()})[group]
+      found[group] = {**{k: v for k, v in defaults.items() if k not in found[group]},
+                      **found[group]}
+  return found
 
 
 def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,

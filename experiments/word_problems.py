@@ -308,6 +308,15 @@ def write_lm_eval_task(task: Task, folder: pathlib.Path) -> pathlib.Path:
   return folder
 
 
+def write_prompts(problems, path: pathlib.Path) -> pathlib.Path:
+  """The problems as `mhc-grpo`'s prompts (`GRPOConfig.prompts`): a JSON line each, its
+  question and "Answer:" (the lm-eval task's zero-shot prompt) and its answer's digits."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join(json.dumps({"prompt": p.question + ANSWER, "answer": str(p.answer)})
+                          + "\n" for p in problems))
+  return path
+
+
 def evaluate(lm, folder: pathlib.Path, shots: int) -> dict:
   """lm-eval's run of the task in `folder` (`write_lm_eval_task`) with `lm` (an lm-eval `LM`:
   `mhc_jax.lm.harness.MhcJaxLM` for this project's models), `shots` examples a prompt ->

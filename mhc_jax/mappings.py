@@ -215,6 +215,9 @@ class HCConfig(_Fractions):
   # The paper exempts the static maps from weight decay (the modules tag them).
   no_weight_decay: ClassVar[frozenset[str]] = frozenset({"static_pre", "static_post",
                                                          "static_res"})
+  # The maps and the dynamic parts' scales enter the coefficients raw, so Adam moves them by
+  # about the learning rate each step: their own rate is `static_map_lr_multiplier` times it.
+  static_maps: ClassVar[frozenset[str]] = no_weight_decay | {"scale_alpha", "scale_beta"}
 
   def coefficient_flops(self) -> int:
     """Forward matmul FLOPs per token of the coefficients: dynamic HC's `W_pre`, `W_post`
@@ -404,6 +407,8 @@ class MHCConfig(_Fractions):
     return self.res_spec.matmul_flops(self)
 
   no_weight_decay: ClassVar[frozenset[str]] = frozenset()  # phi decays; the rest are vectors
+  # bias and alpha are logits' parts behind sigmoids and Sinkhorn: bounded maps at any size.
+  static_maps: ClassVar[frozenset[str]] = frozenset()
 
   def coefficient_flops(self) -> int:
     """Forward matmul FLOPs per token of the coefficients: `phi` `[nC, 2N + R]` on vec(X)
@@ -493,6 +498,7 @@ class StreamEmbedConfig:
     check_int("dim", self.dim, 1)
 
   no_weight_decay: ClassVar[frozenset[str]] = frozenset({"offsets"})
+  static_maps: ClassVar[frozenset[str]] = frozenset()
 
   def init_params(self, key: jax.Array) -> Params:
     del key  # zeros, deterministic
@@ -531,6 +537,7 @@ class HeadConfig:
     _check_nonnegative("norm_eps", self.norm_eps)
 
   no_weight_decay: ClassVar[frozenset[str]] = frozenset()
+  static_maps: ClassVar[frozenset[str]] = frozenset()
 
   def init_params(self, key: jax.Array) -> Params:
     n, c = self.num_streams, self.dim

@@ -29,9 +29,11 @@ class _ParamsModule(nnx.Module):
     self._param_names = tuple(params)
     for name, value in params.items():
       # Tagged for optimizers: `weight_decay=False` on what the method exempts (HC's
-      # static maps); `mhc_jax.lm.optimizer` reads the tag.
-      decay = {"weight_decay": False} if name in config.no_weight_decay else {}
-      setattr(self, name, nnx.Param(value, **decay))
+      # static maps), `static_map=True` on what has its own rate (HC's maps and scales);
+      # `mhc_jax.lm.optimizer` reads the tags.
+      tags = {"weight_decay": False} if name in config.no_weight_decay else {}
+      tags |= {"static_map": True} if name in config.static_maps else {}
+      setattr(self, name, nnx.Param(value, **tags))
 
   def _params(self):
     return {name: getattr(self, name)[...] for name in self._param_names}

@@ -1,6 +1,11 @@
 """The benchmark scripts run (tiny sizes): they must not rot between measurements."""
 
-from experiments import bench_decode, bench_site_memory, bench_train_step
+import os
+import re
+
+import pytest
+
+from experiments import bench_decode, bench_processes, bench_site_memory, bench_train_step
 from experiments.bench_progress import RowProgress
 from kernels_pallas.sinkhorn import bench
 
@@ -93,3 +98,45 @@ def test_decode_benchmark_compares_the_cache_with_recomputation_on_the_same_toke
   assert [row[0] for row in rows] == ["prenorm", "hc"]
   assert all(row[4] == "yes" for row in rows)  # greedy with the cache = the recomputation
   assert rows[0][6] == "1.00x"
+
+
+def test_process_benchmark_runs_both_ways_pinned_and_prints_their_ratio(capsys):
+  tiny = ["ModelConfig.d_model = 16", "ModelConfig.num_layers = 1", "ModelConfig.mlp_dim = 32",
+          "DataConfig.seq_len = 16", "DataConfig.batch_size = 2"]
+  assert bench_processes.main(["--steps", "2", "--arm", "hc(num_streams=2)",
+                               *[a for p in tiny for a in ("--gin_param", p)]]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].startswith("Train steps of the cpu preset's hc(num_streams=2) (")
+  one = float(re.fullmatch(r"\(a\) one process on both cores, 2 runs one after another: "
+                           r"([\d.]+) steps/s", lines[1]).group(1))
+  cores = sorted(os.sched_getaffinity(0))[:2]
+  each = "(.+) on core\\(s\\) {}, (.+) on core\\(s\\) {}".format(*cores)
+  two = float(re.fullmatch(r"\(b\) two processes of one core each, 2 runs at once: ([\d.]+) "
+                           rf"steps/s in all \({each}\)", lines[2]).group(1))
+  ratio = float(re.fullmatch(r"\(b\) / \(a\): ([\d.]+)x the total throughput",
+                             lines[3]).group(1))
+  assert ratio == pytest.approx(two / one, abs=0.01)  # to the printed digits
+
+
+def test_process_benchmark_refuses_a_bad_arm_in_one_line_before_it_runs(capsys):
+  assert bench_processes.main(["--arm", "hc(dynamc=False)"]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert captured.err == ("bench_processes: ValueError: arm 'hc(dynamc=False)': no setting "
+                          "'dynamc'; hc's settings: num_streams: int, dynamic: bool, "
+                          "num_fracs: int\n")
+
+
+def test_tunix_grpo_benchmark_prints_each_variants_throughput_against_prenorm(capsys):
+  pytest.importorskip("tunix")
+  from experiments import bench_grpo
+  assert bench_grpo.main(["--variants", "prenorm,mhc", "--steps", "3", "--d_model", "32",
+                          "--layers", "1", "--group_size", "2", "--prompts_per_step", "2"]) == 0
+  rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+          for line in capsys.readouterr().out.splitlines() if line.startswith(("| prenorm",
+                                                                               "| mhc"))]
+  assert [row[0] for row in rows] == ["prenorm", "mhc"]
+  assert rows[0][3:] == ["1.00x", "1.00x"]
+  tokens_per_sec, ratio = float(rows[1][1]), float(rows[1][3].removesuffix("x"))
+  assert tokens_per_sec > 0 and ratio == pytest.approx(tokens_per_sec / float(rows[0][1]),
+                                                        abs=0.02)

@@ -153,11 +153,13 @@ def test_help_states_the_rule_and_lists_only_the_presets_mhc_train_runs(capsys):
           "(python -m experiments.compare_residuals or python -m experiments.stability_map) "
           "retrofit/ (python -m experiments.retrofit) sweeps/ (python -m experiments.sweep)"
           ) in text
+  assert "settings of other commands: grpo/ (mhc-grpo)" in text and "word_problems" not in text
 
 
 ENTRY_POINTS = sorted({f"experiments.{path.stem}" for path in (REPO / "experiments").glob("*.py")
                        if "\ndef main(" in path.read_text()}
-                      | {"kernels_pallas.sinkhorn.bench", "mhc_jax.lm.prepare_data"})
+                      | {"kernels_pallas.sinkhorn.bench", "mhc_jax.lm.prepare_data",
+                         "mhc_jax.lm.grpo_cli"})
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)

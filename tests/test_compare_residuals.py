@@ -1,9 +1,10 @@
 """compare_residuals end to end on a tiny corpus (the report's files and numbers, reuse of
-finished runs), and its presets and configs without training."""
+finished runs, a learning-rate sweep), and its presets, configs and sweep rules without
+training."""
 
 import dataclasses
-import functools
 import json
+import math
 import os
 import pathlib
 import statistics
@@ -16,8 +17,11 @@ import pytest
 from mhc_jax.lm.metrics import read_metrics
 
 from experiments import compare_residuals, report
-from experiments.runs import check_run_config
-from experiments.report.markdown import format_paired
+from experiments.report.thresholds import Thresholds, failed, surges_of_run
+from experiments.runs import RUN_CONFIG, check_run_config
+from experiments.report.markdown import _sweep_lines as sweep_lines, format_paired
+from mhc_jax.checks import one_line
+from mhc_jax.lm import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -110,8 +114,12 @@ def test_summary_numbers_are_the_runs_final_eval_losses(out):
     assert entry["final_eval_loss"]["std"] == pytest.approx(statistics.stdev(losses))
     assert entry["final_eval_loss"]["per_seed"] == {str(s): v for s, v in zip(SEEDS, losses)}
     assert entry["num_params"] > 0
-    assert set(entry["train_loss_spikes"]) == set(entry["grad_norm_spikes"]) == \
-        {str(s) for s in SEEDS}
+    # The preset's thresholds, seed by seed, as thresholds.py finds them in the metrics.
+    unigram = summary["reference"]["unigram_loss"]
+    for seed in SEEDS:
+      rows = read_metrics(out / "runs" / f"{variant}_seed{seed}")
+      assert entry["surges"][str(seed)] == surges_of_run(rows, Thresholds())
+      assert entry["failed"][str(seed)] == failed(rows, unigram, Thresholds())
   deltas = np.subtract(final_eval_losses(out, "mhc"), final_eval_losses(out, "prenorm"))
   paired = summary["variants"]["mhc"]["eval_loss_minus"]["prenorm"]
   assert summary["variants"]["prenorm"]["eval_loss_minus"]["mhc"]["mean"] == \
@@ -157,22 +165,6 @@ def test_paired_difference_interval_is_students_t():
   assert "[-0.0632, +0.0078]" in format_paired(entry)
 
 
-def test_spikes_count_onsets_above_the_running_median():
-  rng = np.random.default_rng(0)
-  falling = 3 * np.exp(-np.arange(60) / 20) + 1.5 + 0.02 * rng.standard_normal(60)
-  spikes = functools.partial(report.numbers.spikes, ratio=1.25)
-  assert spikes(falling) == 0
-  spiky = falling.copy()
-  spiky[20] *= 1.6          # one point: one spike (the median lags a falling curve)
-  spiky[40:43] *= 1.5       # three points in a row: one spike
-  spiky[50] = float("nan")  # a non-finite loss is a skipped update, not a spike ...
-  spiky[52] *= 1.4          # ... and leaves the median of the points around it
-  spiky[57] *= 1.2          # under the 1.25 ratio
-  assert spikes(spiky) == 3
-  assert spikes(spiky[:report.numbers.SPIKE_WINDOW]) == 0
-  assert report.numbers.spikes(spiky, ratio=1.38) == 2  # not the 1.4x point
-
-
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tpu_pod", "stability"])
 def test_presets_load(name):
   settings = compare_residuals.load_settings(name)
@@ -182,6 +174,15 @@ def test_presets_load(name):
     assert {"hc", "mhc"} <= set(settings.comparison.variants)
   if name == "tpu_pod":
     assert settings.mesh.shape == (16, 8, 2)
+
+
+def test_cpu_presets_commented_sweep_loads():
+  text = compare_residuals.preset_path("cpu").read_text()
+  sweep = [line.removeprefix("# ") for line in text.splitlines()
+           if line.startswith("# Comparison.")]
+  comparison = compare_residuals.load_settings("cpu", sweep).comparison
+  assert len(sweep) == 4 and comparison.sweeps and comparison.max_extensions == 2
+  assert comparison.static_map_lr_multipliers == (1.0, 0.1)
 
 
 def test_runs_differ_only_in_residual_and_seeds(preset):
@@ -201,9 +202,167 @@ def test_a_workdir_of_other_configs_is_refused(tmp_path, preset):
     check_run_config(tmp_path, compare_residuals.run_configs(settings, "mhc", 1))
 
 
+def test_a_record_from_before_a_new_field_is_reused_at_its_default(tmp_path, preset):
+  settings = compare_residuals.load_settings(preset)
+  configs = compare_residuals.run_configs(settings, "hc", 0)
+  check_run_config(tmp_path, configs)
+  record = json.loads((tmp_path / RUN_CONFIG).read_text())
+  del record["optimizer"]["static_map_lr_multiplier"]  # as written before the field existed
+  (tmp_path / RUN_CONFIG).write_text(json.dumps(record))
+  check_run_config(tmp_path, configs)
+  changed = {**configs, "optimizer": dataclasses.replace(configs["optimizer"],
+                                                         static_map_lr_multiplier=0.1)}
+  with pytest.raises(ValueError, match=r"differing: optimizer.static_map_lr_multiplier\)"):
+    check_run_config(tmp_path, changed)
+
+
 def test_bad_preset_or_variant_exits_2(tmp_path, capsys):
   assert compare_residuals.main(["--preset", "no_such", "--out", str(tmp_path)]) == 2
   assert compare_residuals.main(["--preset", "cpu", "--variants", "resnet",
                                  "--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and "no_such" in err[0] and "resnet" in err[1]
+
+
+# --------------------------------------------------------------------------------------------
+# The learning-rate sweep
+
+Comparison = compare_residuals.Comparison
+
+
+@pytest.mark.parametrize("rates, complaint", [
+    ((1e-3, 1e-2, 1e-1), "at least 4 rates"),
+    ((0.0, 1e-2, 1e-1, 1.0), "positive"),
+    ((1e-3, 1e-1, 1e-2, 1.0), "increase"),
+    ((1e-4, 1e-3, 3e-3, 1e-2), "evenly spaced in log"),
+])
+def test_a_bad_rate_grid_is_one_line(rates, complaint):
+  with pytest.raises(ValueError, match=complaint) as err:
+    Comparison(learning_rates=rates)
+  assert one_line(err.value, with_type=False).startswith("learning_rates")
+
+
+def test_sweep_settings_are_checked():
+  Comparison(learning_rates=(1e-4, 3e-4, 1e-3, 3e-3))  # 1-3-10 steps are log steps enough
+  with pytest.raises(ValueError, match="needs 'prenorm' among the variants"):
+    Comparison(variants=("hc", "mhc"), learning_rates=(1e-4, 1e-3, 1e-2, 1e-1))
+  for bad in ((), (0.1, 0.1), (0.0,)):
+    with pytest.raises(ValueError, match="static_map_lr_multipliers must be"):
+      Comparison(static_map_lr_multipliers=bad)
+  with pytest.raises(ValueError, match="sweep_seeds must be distinct"):
+    Comparison(sweep_seeds=())
+  with pytest.raises(ValueError, match="max_extensions must be an int >= 0"):
+    Comparison(max_extensions=-1)
+
+
+def test_grid_extends_one_step_of_its_pattern_at_an_edge():
+  even, halves = (1e-3, 1e-2, 1e-1, 1.0), (1e-4, 3e-4, 1e-3, 3e-3)
+  assert compare_residuals.extended_grid(even, "high") == (*even, 10.0)
+  assert compare_residuals.extended_grid(even, "low") == (1e-4, *even)
+  assert compare_residuals.extended_grid(halves, "high") == (*halves, 1e-2)
+  assert compare_residuals.extended_grid(halves, "low") == (3e-5, *halves)
+  edge = compare_residuals.grid_edge
+  assert (edge(even, 1e-3), edge(even, 1.0), edge(even, 1e-2)) == ("low", "high", None)
+
+
+def test_best_point_is_the_lowest_finite_mean():
+  best = compare_residuals.best_point
+  assert best({(1e-3, 1.0): 2.5, (1e-2, 1.0): 2.1, (1e-2, 0.1): 2.3}) == (1e-2, 1.0)
+  assert best({1e-3: 2.5, 1e-2: float("nan"), 1e-1: float("inf"), 1.0: 2.6}) == 1e-3
+  with pytest.raises(ValueError, match="every rate diverged"):
+    best({1e-2: float("nan"), 1e-1: float("inf")})
+
+
+def test_a_diverged_sweep_point_is_skipped_and_reported(monkeypatch, tmp_path, capsys):
+  def diverge(runs, progress=True):
+    raise train_lib.NonFiniteError("non-finite loss at step 3")
+  monkeypatch.setattr(compare_residuals, "train_plan", diverge)
+  assert compare_residuals.sweep_loss(tmp_path / "hc_lr0.1_seed0", {}, False) == math.inf
+  assert "hc_lr0.1_seed0: diverged (non-finite loss at step 3)" in capsys.readouterr().out
+  points = [{"learning_rate": rate, "static_map_lr_multiplier": 1.0,
+             "final_eval_loss": {"per_seed": {"0": loss}, "mean": loss}}
+            for rate, loss in ((1e-3, 2.5), (1e-2, 2.0), (1e-1, math.inf))]
+  entry = {"grid": [1e-3, 1e-2, 1e-1], "static_map_lr_multipliers": [1.0], "points": points,
+           "extensions": 0, "edge": None, "inside": True,
+           "chosen": {"learning_rate": 1e-2, "static_map_lr_multiplier": 1.0}}
+  settings = {"sweep_seeds": [0], "max_extensions": 2, "static_map_lr_multipliers": [1.0]}
+  lines = sweep_lines({"settings": settings, "sweep": {"hc": entry}})
+  assert "hc diverged (a non-finite value stopped a run) at 0.1." in lines
+  assert "| hc | 0.001, 0.01, 0.1 | 0.01 | 2.0000 | yes | 0 |" in lines
+  assert not any("not bracketed" in line for line in lines)
+  report.figures.plot_sweep(tmp_path / "sweep.png", {"hc": entry})  # a gap, not an error
+  assert (tmp_path / "sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_only_hc_has_static_maps(preset):
+  settings = compare_residuals.load_settings(preset)
+  assert [compare_residuals.has_static_maps(compare_residuals.variant_model(settings, v))
+          for v in ("prenorm", "hc", "mhc", "frac")] == [False, True, False, True]
+
+
+# Every rate far too small for 6 steps: each variant's best is the grid's highest, which
+# extends the grid once (max_extensions 1), and the best then is the new highest again.
+SWEEP = """
+Comparison.learning_rates = [1e-6, 1e-5, 1e-4, 1e-3]
+Comparison.max_extensions = 1
+Comparison.static_map_lr_multipliers = [0.1]
+"""
+SWEPT = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, preset):
+  """The micro preset's prenorm and hc at seed 0 after a sweep, and its report."""
+  root = pathlib.Path(preset).parent
+  path = root / "sweep.gin"
+  path.write_text(MICRO.format(variants=["prenorm", "hc"], seeds=[0], source=root / "*.txt")
+                  + SWEEP)
+  out = tmp_path_factory.mktemp("sweep")
+  compare(str(path), out)
+  return out
+
+
+def test_sweep_extends_the_grid_and_runs_the_seeds_at_the_chosen_rates(swept):
+  summary = json.loads((swept / "summary.json").read_text())
+  sweep = summary["sweep"]
+  assert json.loads((swept / "sweep.json").read_text()) == sweep
+  assert list(sweep) == ["prenorm", "hc"]
+  for variant, multiplier in (("prenorm", 1.0), ("hc", 0.1)):  # prenorm has no static maps
+    entry = sweep[variant]
+    assert entry["grid"] == SWEPT and entry["static_map_lr_multipliers"] == [multiplier]
+    assert (entry["extensions"], entry["edge"], entry["inside"]) == (1, "high", False)
+    assert entry["chosen"] == {"learning_rate": 1e-2, "static_map_lr_multiplier": multiplier}
+    for point in entry["points"]:
+      workdir = swept / "sweep" / compare_residuals.sweep_name(
+          variant, point["learning_rate"], multiplier, 0)
+      assert point["final_eval_loss"] == {"per_seed": {"0": read_metrics(workdir)[-1][
+          "final_eval_loss"]}, "mean": read_metrics(workdir)[-1]["final_eval_loss"]}
+  assert sorted(p.name for p in (swept / "sweep").glob("*_seed0")) == sorted(
+      [f"prenorm_lr{r:g}_seed0" for r in SWEPT] + [f"hc_lr{r:g}_m0.1_seed0" for r in SWEPT])
+  # Own best in runs/; at prenorm's best hc runs again without its multiplier, prenorm is
+  # its own-best run.
+  assert sorted(p.name for p in (swept / "runs").glob("*_seed0")) == ["hc_seed0", "prenorm_seed0"]
+  assert [p.name for p in (swept / "runs_prenorm_best").glob("*_seed0")] == ["hc_seed0"]
+  optimizers = {d: json.loads((swept / d / "hc_seed0" / "run.json").read_text())["optimizer"]
+                for d in ("runs", "runs_prenorm_best")}
+  assert [(o["learning_rate"], o["static_map_lr_multiplier"]) for o in optimizers.values()] == \
+      [(1e-2, 0.1), (1e-2, 1.0)]
+  arm = summary["prenorm_best"]
+  assert arm["learning_rate"] == 1e-2
+  assert arm["variants"]["prenorm"]["final_eval_loss"] == \
+      summary["variants"]["prenorm"]["final_eval_loss"]
+  assert arm["variants"]["hc"]["final_eval_loss"]["mean"] == \
+      read_metrics(swept / "runs_prenorm_best" / "hc_seed0")[-1]["final_eval_loss"]
+
+
+def test_sweep_report_shows_the_curves_and_both_comparisons(swept):
+  text = (swept / "report.md").read_text()
+  assert (swept / report.SWEEP_FIGURE).read_bytes()[:8] == PNG_SIGNATURE
+  assert f"]({report.SWEEP_FIGURE})" in text
+  assert "Each variant at its own best learning rate from the sweep below: prenorm 0.01, " \
+         "hc 0.01 (static maps x0.1)." in text
+  arm = json.loads((swept / "summary.json").read_text())["prenorm_best"]["variants"]["hc"]
+  second = text[text.index("## All at prenorm's best rate"):text.index("## Learning-rate sweep")]
+  assert f"| hc | {arm['num_params']:,} | {arm['final_eval_loss']['mean']:.4f} ± n/a |" in second
+  assert text.count("still best at the highest rate of its grid after 1 extension(s)") == 2
+  assert "| hc | 1e-06, 1e-05, 0.0001, 0.001, 0.01 | 0.01 (static maps x0.1) |" in text

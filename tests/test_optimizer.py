@@ -1,13 +1,22 @@
-"""mhc_jax.lm.optimizer: the learning-rate schedules and the weight-decay mask."""
+"""mhc_jax.lm.optimizer: the learning-rate schedules, the weight-decay mask and the static
+maps' learning-rate multiplier."""
 
 import dataclasses
 
 import jax
 import numpy as np
+import optax
+import pytest
 from flax import nnx
 
 from mhc_jax.lm.model import ModelConfig, Transformer
-from mhc_jax.lm.optimizer import OptimizerConfig, decay_mask, learning_rate_schedule
+from mhc_jax.lm.optimizer import (OptimizerConfig, decay_mask, learning_rate_schedule,
+                                  make_optimizer, static_map_mask)
+from mhc_jax.lm.residuals import with_residual
+from random_models import far_from_init
+
+TINY = ModelConfig(d_model=16, num_layers=2, num_heads=2, mlp_dim=32)
+HC_STATIC_MAPS = {"static_pre", "static_post", "static_res", "scale_alpha", "scale_beta"}
 
 
 def test_step_decay_follows_the_mhc_paper():
@@ -40,3 +49,61 @@ def test_weight_decay_spares_norms_gates_and_static_hc_params():
   site = decay_mask(nnx.state(Transformer(mhc, rngs=nnx.Rngs(0))))
   site = site["blocks"]["mlp_site"]
   assert site["phi"] and not site["alpha"] and not site["bias"]
+
+
+def first_update(model: Transformer, multiplier: float, seed: int = 0):
+  """One AdamW step's update of `model`'s parameters under random gradients (the same for
+  any multiplier), with no warm-up so the step has the full rate."""
+  state = nnx.state(model)
+  params = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(seed)
+  grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+  tx = make_optimizer(OptimizerConfig(warmup_steps=0, static_map_lr_multiplier=multiplier),
+                      10, state)
+  return tx.update(grads, tx.init(params), params)[0]
+
+
+def by_path(tree) -> dict[tuple[str, ...], object]:
+  return {tuple(key.key for key in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.parametrize("residual, tagged", [("hc", HC_STATIC_MAPS), ("mhc", set())])
+def test_static_map_multiplier_scales_exactly_the_tagged_parameters(residual, tagged):
+  model = far_from_init(with_residual(TINY, residual, num_streams=2))
+  full, slow = (by_path(first_update(model, m)) for m in (1.0, 0.1))
+  mask = by_path(static_map_mask(nnx.state(model)))
+  assert {path[-1] for path, on in mask.items() if on} == tagged
+  changed = {name for name in full if not np.array_equal(full[name], slow[name])}
+  assert changed == {name for name, on in mask.items() if on}
+  for name in full:
+    assert np.all(full[name] != 0), name  # every parameter moved
+    expected = 0.1 * full[name] if mask[name] else full[name]
+    np.testing.assert_allclose(slow[name], expected, rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_multiplier_one_is_the_optimizer_without_it():
+  model = far_from_init(with_residual(TINY, "hc", num_streams=2))
+  state = nnx.state(model)
+  params = nnx.to_pure_dict(state)
+  cfg = OptimizerConfig(warmup_steps=0)
+  plain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                      optax.adamw(learning_rate_schedule(cfg, 10), b1=cfg.b1, b2=cfg.b2,
+                                  weight_decay=cfg.weight_decay, mask=decay_mask(state)))
+  for multiplier in (1.0, 0.1):  # checkpoints restore, under any multiplier
+    ours = make_optimizer(dataclasses.replace(cfg, static_map_lr_multiplier=multiplier), 10,
+                          state)
+    assert jax.tree.structure(ours.init(params)) == jax.tree.structure(plain.init(params))
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+  old = plain.update(grads, plain.init(params), params)[0]
+  for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(first_update(model, 1.0, seed=1)),
+                  strict=True):
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("multiplier", [0.0, -0.1, float("nan")])
+def test_non_positive_static_map_multiplier_is_one_line(multiplier):
+  with pytest.raises(ValueError, match=r"^static_map_lr_multiplier must be > 0, got") as err:
+    OptimizerConfig(static_map_lr_multiplier=multiplier)
+  assert "\n" not in str(err.value)

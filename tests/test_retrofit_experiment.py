@@ -26,6 +26,7 @@ from lm_eval.models.utils import postprocess_generated_text  # noqa: E402
 from experiments import retrofit, word_problems  # noqa: E402
 from experiments.word_problems import TaskConfig  # noqa: E402
 from mhc_jax.lm.harness import MhcJaxLM  # noqa: E402
+from mhc_jax.lm.metrics import read_metrics  # noqa: E402
 from mhc_jax.lm.model import ModelConfig, Transformer  # noqa: E402
 from mhc_jax.lm.tokenizer import EOS, ByteTokenizer, decode, encode  # noqa: E402
 
@@ -323,3 +324,28 @@ def test_micro_pipeline_then_reuse(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("finished, reused") == 5 and ": training" not in proc.stdout
   assert len(scores) == 5 and {p: p.stat().st_mtime_ns for p in scores} == before
+
+
+def test_tunix_micro_pipeline_with_grpo_rows(tmp_path):
+  pytest.importorskip("tunix")
+  (tmp_path / "verse0.txt").write_text("Thou art my lord. " * 40)
+  preset = tmp_path / "micro.gin"
+  preset.write_text(MICRO.format(source=tmp_path / "verse*.txt").replace(
+      'Retrofit.rows = ["pretrained", "prenorm", "mhc"]\nRetrofit.seeds = [0, 1]',
+      'Retrofit.rows = ["prenorm", "mhc", "prenorm+grpo", "mhc+grpo"]\nRetrofit.seeds = [0]')
+      + "GRPOConfig.steps = 2\nGRPOConfig.group_size = 2\nGRPOConfig.prompts_per_step = 2\n"
+        "GRPOConfig.max_prompt_length = 128\n")
+  out = tmp_path / "out"
+  proc = run_script(str(preset), out)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads((out / "summary.json").read_text())
+  assert list(summary["rows"]) == ["prenorm", "mhc", "prenorm+grpo", "mhc+grpo"]
+  assert ("prenorm+grpo", "prenorm") in [(c["row"], c["minus"]) for c in summary["comparisons"]]
+  for row in ("prenorm+grpo", "mhc+grpo"):
+    workdir = out / "runs" / f"{row}_seed0"
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+    assert json.loads((workdir / retrofit.SCORES).read_text())["key"]["grpo"]["steps"] == 2
+  assert summary["settings"]["grpo"]["steps"] == 2
+  assert "0.4541" in (out / "report.md").read_text()
+  for figure in retrofit.FIGURES + retrofit.GRPO_FIGURES:
+    assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure

@@ -70,3 +70,20 @@ def test_detectable_effect_is_finite_for_any_number_of_seeds(n):
   # scipy's noncentral t cdf is NaN at (df 1, noncentrality 8), which a bisection crosses.
   effect = significance.minimal_detectable_effect(0.01, n)
   assert 0 < effect < 1 and math.isclose(significance.power(effect, 0.01, n), 0.8, rel_tol=1e-6)
+
+
+def test_fisher_exact_of_failure_counts():
+  # 4 of 5 failed against 0 of 5: the tables as or more extreme hold 4 or 0 failures of the
+  # first arm, each of probability C(5, 4) C(5, 0) / C(10, 4) = 5 / 210.
+  ours = significance.fisher_exact(4, 5, 0, 5)
+  assert math.isclose(ours["p"], 10 / 210, rel_tol=1e-12) and ours["odds_ratio"] == math.inf
+  expected = stats.fisher_exact([[3, 7], [9, 1]], alternative="two-sided")
+  ours = significance.fisher_exact(3, 10, 9, 10)
+  assert ours == {"p": expected.pvalue, "odds_ratio": expected.statistic}
+  assert significance.fisher_exact(2, 10, 2, 10)["p"] == 1.0
+
+
+@pytest.mark.parametrize("counts", [(6, 5, 0, 5), (1, 5, -1, 5)])
+def test_fisher_exact_refuses_impossible_counts(counts):
+  with pytest.raises(ValueError, match=r"failures must be between 0 and the runs, got "):
+    significance.fisher_exact(*counts)

@@ -6,8 +6,10 @@ with the min-max band.
     gain_per_layer.png       the same per sub-layer, at the last diagnostics step
     cosine_layers.png        cosine similarity between blocks' outputs, per variant
     cosine_streams.png       cosine similarity between streams (stream variants)
+    sweep.png                after a learning-rate sweep: final loss against the rate
 """
 
+import itertools
 import math
 import pathlib
 
@@ -20,11 +22,12 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 from experiments.report.numbers import (GAINS, REFERENCE_KEYS, Run, by_variant,  # noqa: E402
-                                        has_streams, over_seeds)
+                                        chosen_point, has_streams, over_seeds)
 from mhc_jax.lm.residuals import RESIDUALS  # noqa: E402
 
 FIGURES = ("loss_train.png", "loss_eval.png", "grad_norm.png", "gain_over_training.png",
            "gain_per_layer.png", "cosine_layers.png", "cosine_streams.png")
+SWEEP_FIGURE = "sweep.png"
 DPI = 110
 
 
@@ -237,3 +240,30 @@ def plot_all(out: pathlib.Path, runs: list[Run], references: dict | None = None)
   plot_gains_per_layer(out / "gain_per_layer.png", groups)
   plot_layer_cosine(out / "cosine_layers.png", groups)
   plot_stream_cosine(out / "cosine_streams.png", groups)
+
+
+def plot_sweep(path: pathlib.Path, sweep: dict) -> None:
+  """Mean final loss over the sweep seeds against the learning rate (log), a line per variant
+  and static-map multiplier, the chosen point starred."""
+  fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
+  for variant, entry in sweep.items():
+    multipliers = entry["static_map_lr_multipliers"]
+    for multiplier, style in zip(multipliers, itertools.cycle(("-", "--", ":", "-."))):
+      points = sorted((p for p in entry["points"] if p["static_map_lr_multiplier"] == multiplier),
+                      key=lambda p: p["learning_rate"])
+      label = variant + ("" if multiplier == 1.0 else f", static maps x{multiplier:g}")
+      means = np.array([p["final_eval_loss"]["mean"] for p in points], float)
+      ax.plot([p["learning_rate"] for p in points],  # a diverged point is a gap
+              np.where(np.isfinite(means), means, np.nan), linestyle=style, marker="o",
+              markersize=4, color=_color(variant), label=label)
+    chosen = chosen_point(entry)
+    ax.plot(chosen["learning_rate"], chosen["final_eval_loss"]["mean"], marker="*",
+            markersize=15, color=_color(variant), markeredgecolor="black", linestyle="none")
+  ax.set_xscale("log")
+  ax.set(title="Learning-rate sweep (star: each variant's chosen point)",
+         xlabel="peak learning rate (log)",
+         ylabel="final val loss, mean over sweep seeds (nats / byte)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)

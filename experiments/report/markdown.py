@@ -2,7 +2,8 @@
 
 import math
 
-from experiments.report.numbers import BASELINE, SPIKE_RATIOS, SPIKE_WINDOW
+from experiments.report.numbers import BASELINE, chosen_point
+from experiments.report.thresholds import Thresholds
 
 
 def _pm(stats: dict) -> str:
@@ -24,8 +25,8 @@ def _table(summary: dict) -> list[str]:
   lines = ["| variant | parameters | final val loss | Δ vs prenorm (paired, 95% CI) | per seed "
            f"({', '.join(map(str, seeds))}) | max gain single fwd / bwd | max gain composite "
            "fwd / bwd | peak composite gain fwd / bwd | skipped updates | loss / grad-norm "
-           "spikes per seed | tokens/s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "surges per seed | failed seeds | tokens/s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for variant, entry in summary["variants"].items():
     delta = entry["eval_loss_minus"].get(BASELINE)
     gains = entry.get("final_max_gain")
@@ -35,14 +36,26 @@ def _table(summary: dict) -> list[str]:
       composite = f"{gains['composite_forward_gain']:.3g} / {gains['composite_backward_gain']:.3g}"
       peaks = entry["peak_max_gain"]
       peak = f"{peaks['composite_forward_gain']:.3g} / {peaks['composite_backward_gain']:.3g}"
-    spike_counts = ", ".join(f"{loss} / {grad}" for loss, grad in zip(
-        entry["train_loss_spikes"].values(), entry["grad_norm_spikes"].values()))
+    surge_counts = ", ".join(f"{len(s['train_loss'])} / {len(s['grad_norm'])}"
+                             for s in entry["surges"].values())
+    failed = ", ".join(seed for seed, why in entry["failed"].items() if why) or "none"
     per_seed = ", ".join(f"{v:.4f}" for v in entry["final_eval_loss"]["per_seed"].values())
     lines.append(f"| {variant} | {entry['num_params']:,} | {_pm(entry['final_eval_loss'])} | "
                  f"{format_paired(delta) if delta else '–'} | {per_seed} | {single} | "
-                 f"{composite} | {peak} | {entry['skipped_updates']} | {spike_counts} | "
+                 f"{composite} | {peak} | {entry['skipped_updates']} | {surge_counts} | {failed} | "
                  f"{entry['tokens_per_sec_median']:,.0f} |")
   return lines
+
+
+def _thresholds_text(summary: dict) -> str:
+  """The surge and failure rule, with the numbers the preset stated before the runs."""
+  t = Thresholds(**summary["settings"].get("thresholds", {}))
+  return (f"Surges, counted from step {t.surge_after}: the training loss's {t.surge_window}-step "
+          f"moving average rising more than {t.loss_surge_margin:g} nats above its running "
+          f"minimum (the gradient norm's geometric one, {t.grad_surge_ratio:g} ×), a run of "
+          "such steps counting once. Failed: a non-finite value or a skipped update, a loss "
+          f"surge, or a final loss within {t.collapse_margin:g} nats of the unigram reference "
+          "(`experiments/report/thresholds.py`).")
 
 
 def _reference_lines(reference: dict | None) -> list[str]:
@@ -63,6 +76,68 @@ def _pairs_table(summary: dict) -> list[str]:
              for other in variants]
     lines.append(f"| {variant} | " + " | ".join(cells) + " |")
   return lines
+
+
+def _rate(point: dict) -> str:
+  """A sweep point's (or chosen) rate and, when not 1, its static maps' multiplier."""
+  multiplier = point["static_map_lr_multiplier"]
+  return f"{point['learning_rate']:g}" + ("" if multiplier == 1.0 else
+                                           f" (static maps x{multiplier:g})")
+
+
+def _own_best_lines(summary: dict) -> list[str]:
+  if "sweep" not in summary:
+    return []
+  rates = ", ".join(f"{v} {_rate(e['chosen'])}" for v, e in summary["sweep"].items())
+  return [f"Each variant at its own best learning rate from the sweep below: {rates}.", ""]
+
+
+def _sweep_lines(summary: dict) -> list[str]:
+  """The sweep's table and figure, a line for every variant with diverged points and one for
+  every variant whose best stayed at an edge of its grid."""
+  if "sweep" not in summary:
+    return []
+  s, sweep = summary["settings"], summary["sweep"]
+  lines = ["## Learning-rate sweep", "",
+           f"Every variant's peak learning rate on a log grid, each point at sweep seeds "
+           f"{', '.join(map(str, s['sweep_seeds']))} (runs in `sweep/`); the chosen point has "
+           "the lowest mean final validation loss. A best point at an edge of the grid "
+           f"extended it by one log step there (up to {s['max_extensions']} extensions). Variants "
+           "with static maps (HC) also sweep their maps' and scales' rate as a multiple of the "
+           f"peak rate: x {', '.join(f'{m:g}' for m in s['static_map_lr_multipliers'])}. "
+           "Data: `sweep.json`.", "",
+           "| variant | rates swept | chosen rate | mean final val loss | strictly inside the "
+           "grid | extensions |", "|---|---|---:|---:|---|---:|"]
+  for variant, entry in sweep.items():
+    lines.append(f"| {variant} | {', '.join(f'{r:g}' for r in entry['grid'])} | "
+                 f"{_rate(entry['chosen'])} | "
+                 f"{chosen_point(entry)['final_eval_loss']['mean']:.4f} | "
+                 f"{'yes' if entry['inside'] else 'no'} | {entry['extensions']} |")
+  lines.append("")
+  for variant, entry in sweep.items():
+    diverged = [_rate(p) for p in entry["points"]
+                if not math.isfinite(p["final_eval_loss"]["mean"])]
+    if diverged:
+      lines += [f"{variant} diverged (a non-finite value stopped a run) at "
+                f"{', '.join(diverged)}.", ""]
+    if not entry["inside"]:
+      edge = "lowest" if entry["edge"] == "low" else "highest"
+      lines += [f"**{variant}: still best at the {edge} rate of its grid after "
+                f"{entry['extensions']} extension(s): its optimum is not bracketed.**", ""]
+  return [*lines, "![learning-rate sweep](sweep.png)", ""]
+
+
+def _prenorm_best_lines(summary: dict) -> list[str]:
+  """The second comparison: every variant at the baseline's best rate."""
+  if "prenorm_best" not in summary:
+    return []
+  arm = summary["prenorm_best"]
+  table = {"settings": summary["settings"], "variants": arm["variants"]}
+  return [f"## All at {BASELINE}'s best rate", "",
+          f"Every variant at learning rate {arm['learning_rate']:g}, {BASELINE}'s best, with no "
+          "static-map multiplier (runs in `runs_prenorm_best/`, or `runs/` where that is the "
+          "variant's own best); columns as above.", "",
+          *_table(table), "", *_pairs_table(table), ""]
 
 
 def _settings_lines(settings: dict) -> list[str]:
@@ -88,6 +163,7 @@ def markdown(summary: dict) -> str:
       "",
       "## Final validation loss",
       "",
+      *_own_best_lines(summary),
       *_table(summary),
       "",
       *_reference_lines(summary.get("reference")),
@@ -105,11 +181,9 @@ def markdown(summary: dict) -> str:
       "largest over sub-layers, tokens and seeds at the last "
       "diagnostics step (1 for doubly-stochastic H_res); peak: the largest at any diagnostics "
       "step of training. Skipped updates: updates dropped because their loss, gradient or "
-      "new parameters were not finite (summed over seeds). Spikes: logged training losses above "
-      f"{SPIKE_RATIOS['train_loss']:g} × (gradient norms above {SPIKE_RATIOS['grad_norm']:g} ×) "
-      f"the median of the {SPIKE_WINDOW} logged values before them, a run of such points "
-      "counting once. Tokens/s: median over logged steps (shared machines make "
-      "it noisy).",
+      "new parameters were not finite (summed over seeds). "
+      + _thresholds_text(summary) + " Tokens/s: median over logged steps (shared machines "
+      "make it noisy).",
       "",
       "### Every pair of variants",
       "",
@@ -118,6 +192,8 @@ def markdown(summary: dict) -> str:
       "",
       *_pairs_table(summary),
       "",
+      *_prenorm_best_lines(summary),
+      *_sweep_lines(summary),
       "## Loss and gradients",
       "",
       "Mean over seeds; the band spans min to max over seeds.",

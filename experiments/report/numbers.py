@@ -9,15 +9,10 @@ import numpy as np
 from scipy import stats
 
 from experiments.report import significance
+from experiments.report.thresholds import Thresholds, failed, series, surges_of_run
 
 BASELINE = "prenorm"
 GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
-# A spike: a logged value above ratio x the median of the SPIKE_WINDOW logged values before it.
-# Relative, so one rule serves any vocabulary and stage of training; the median, so one spike
-# does not raise the bar for the next. Gradient norms are noisier than losses: pre-norm's rise
-# to 1.7x their running median in the stability preset, so 3x is well clear of that noise.
-SPIKE_RATIOS = {"train_loss": 1.25, "grad_norm": 3.0}
-SPIKE_WINDOW = 10
 REFERENCE_KEYS = ("unigram_loss", "bigram_loss")  # what `mhc_jax.lm.train` logs at the end
 
 
@@ -47,12 +42,6 @@ def by_variant(runs: list[Run]) -> dict[str, list[Run]]:
   return {v: sorted(group, key=lambda r: r.seed) for v, group in groups.items()}
 
 
-def series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """-> (steps `[T]`, values `[T]`) of the rows that logged `key`."""
-  kept = [row for row in rows if key in row]
-  return np.array([r["step"] for r in kept], int), np.array([r[key] for r in kept], float)
-
-
 def over_seeds(group: list[Run], key: str) -> tuple[np.ndarray, np.ndarray]:
   """-> (steps `[T]`, values `[seeds, T]`) at the steps every seed logged `key` at."""
   curves = [dict(zip(*series(run.rows, key))) for run in group]
@@ -64,15 +53,19 @@ def last_value(rows: list[dict], key: str) -> float:
   return series(rows, key)[1][-1]
 
 
-def final_loss(run: Run) -> float:
-  """The run's loss on the whole validation split, logged at its last step (`eval_loss` is
-  a fixed subset's, comparable over steps)."""
-  losses = series(run.rows, "final_eval_loss")[1]
+def final_eval_loss(rows: list[dict], name: str) -> float:
+  """The loss on the whole validation split a run (`name` in the error) logged at its last
+  step (`eval_loss` is a fixed subset's, comparable over steps)."""
+  losses = series(rows, "final_eval_loss")[1]
   if not len(losses):
-    raise ValueError(f"{run.variant} seed {run.seed}: no final_eval_loss (no validation data, "
-                     "or trained before the last step scored the whole validation split); "
-                     "delete its workdir to retrain it")
+    raise ValueError(f"{name}: no final_eval_loss (no validation data, or trained before the "
+                     "last step scored the whole validation split); delete its workdir to "
+                     "retrain it")
   return float(losses[-1])
+
+
+def final_loss(run: Run) -> float:
+  return final_eval_loss(run.rows, f"{run.variant} seed {run.seed}")
 
 
 def reference(runs: list[Run]) -> dict | None:
@@ -90,16 +83,6 @@ def reference(runs: list[Run]) -> dict | None:
   return {**dict(zip(REFERENCE_KEYS, first)),
           "what": "cross entropy of every target of the whole validation split under a "
                   "unigram / bigram model counted on the train split, add-one smoothing"}
-
-
-def spikes(curve: np.ndarray, ratio: float) -> int:
-  """Spikes in a logged curve `[T]`: points above ratio x the median of the SPIKE_WINDOW
-  points before them, a run of such points counting once. Non-finite points are not spikes
-  (a non-finite loss or gradient is a skipped update, counted as one)."""
-  above = np.array([t >= SPIKE_WINDOW and
-                    curve[t] > ratio * np.nanmedian(curve[t - SPIKE_WINDOW:t])
-                    for t in range(len(curve))], bool)
-  return int(np.sum(above & ~np.concatenate([[False], above[:-1]])))
 
 
 def has_streams(group: list[Run]) -> bool:
@@ -141,9 +124,13 @@ def peak(group: list[Run], key: str) -> float:
   return float(np.max(np.concatenate([series(r.rows, key)[1] for r in group])))
 
 
-def summarize(runs: list[Run], settings: dict) -> dict:
-  """The report's numbers per variant; `settings` is stored alongside as given."""
+def summarize(runs: list[Run], settings: dict,
+              thresholds: Thresholds = Thresholds()) -> dict:
+  """The report's numbers per variant; `settings` is stored alongside as given. Each seed's
+  surges and whether it failed are `thresholds`' (`experiments/report/thresholds.py`), with
+  the unigram loss of the validation tokens for a collapse (NaN without a reference)."""
   groups = by_variant(runs)
+  unigram = (reference(runs) or {}).get("unigram_loss", math.nan)
   final = {v: {r.seed: final_loss(r) for r in g} for v, g in groups.items()}
   variants = {}
   for variant, group in groups.items():
@@ -151,8 +138,8 @@ def summarize(runs: list[Run], settings: dict) -> dict:
              "final_eval_loss": {**mean_std(list(final[variant].values())),
                                  "per_seed": {str(s): v for s, v in final[variant].items()}},
              "skipped_updates": int(sum(last_value(r.rows, "skipped_steps") for r in group)),
-             **{f"{key}_spikes": {str(r.seed): spikes(series(r.rows, key)[1], ratio)
-                                  for r in group} for key, ratio in SPIKE_RATIOS.items()},
+             "surges": {str(r.seed): surges_of_run(r.rows, thresholds) for r in group},
+             "failed": {str(r.seed): failed(r.rows, unigram, thresholds) for r in group},
              "tokens_per_sec_median": float(np.median(np.concatenate(
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
     # Same seed, same data order and validation set: the difference cancels what they share.
@@ -172,6 +159,21 @@ def summarize(runs: list[Run], settings: dict) -> dict:
                     "layer_cosine": r.layer_cosine.tolist(),
                     "stream_cosine": None if r.stream_cosine is None else
                     r.stream_cosine.tolist()} for r in runs]}
+
+
+def chosen_point(entry: dict) -> dict:
+  """The point of a variant's sweep entry (see `compare_residuals.sweep_variant`) it chose."""
+  chosen = entry["chosen"]
+  return next(p for p in entry["points"] if p["learning_rate"] == chosen["learning_rate"] and
+              p["static_map_lr_multiplier"] == chosen["static_map_lr_multiplier"])
+
+
+def prenorm_best_summary(runs: list[Run], settings: dict, sweep: dict,
+                         thresholds: Thresholds = Thresholds()) -> dict:
+  """The second comparison's numbers: every variant at the baseline's best rate."""
+  arm = summarize(runs, settings, thresholds)
+  return {"learning_rate": sweep[BASELINE]["chosen"]["learning_rate"],
+          "variants": arm["variants"], "runs": arm["runs"]}
 
 
 def jsonable(x):

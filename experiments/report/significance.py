@@ -10,6 +10,7 @@ one-sided nulls (delta <= -margin, delta >= +margin) are rejected at `alpha`.
 `minimal_detectable_effect` is the smallest true difference the two-sided t test detects
 with probability `power` for a seed spread `std` (from a pilot), solved on the noncentral t;
 `seeds_for_effect` is the fewest seeds whose detectable effect is at most a stated one.
+`fisher_exact` compares two arms' counts of failed runs (the stability map's confirm phase).
 """
 
 import math
@@ -84,3 +85,15 @@ def seeds_for_effect(std: float, effect: float, alpha: float = 0.05, power_goal:
     if power(effect, std, n, alpha, paired) >= power_goal:
       return n
   raise ValueError(f"an effect of {effect} with seed spread {std} needs more than {most} seeds")
+
+
+def fisher_exact(failed_a: int, runs_a: int, failed_b: int, runs_b: int) -> dict:
+  """Fisher's exact test (two-sided) of `failed_a` failures in `runs_a` runs against
+  `failed_b` in `runs_b`: its p-value and the sample odds ratio (inf or 0 where an arm has no
+  failures or no successes)."""
+  for failed, runs in ((failed_a, runs_a), (failed_b, runs_b)):
+    if not 0 <= failed <= runs:
+      raise ValueError(f"failures must be between 0 and the runs, got {failed} of {runs}")
+  table = [[failed_a, runs_a - failed_a], [failed_b, runs_b - failed_b]]
+  result = stats.fisher_exact(table, alternative="two-sided")
+  return {"p": float(result.pvalue), "odds_ratio": float(result.statistic)}

@@ -40,7 +40,10 @@ def presets_epilog() -> str:
       f"  the order given, and over {DEFAULT_PRESET} when no --gin_file is an experiment; a\n"
       "  run's first line names every file in force, in order, and the model they set\n"
       f"{listing(name for name in runnable if name not in experiments)}"
-      "settings of experiments/ scripts, which run from a source checkout only:\n"
+      + "settings of other commands:\n"
+      + "".join(f"  {folder} ({command})\n" for folder, command in
+                presets.COMMAND_SETTINGS.items())
+      + "settings of experiments/ scripts, which run from a source checkout only:\n"
       + "".join(f"  {folder} ({scripts})\n"
                 for folder, scripts in presets.EXPERIMENT_SETTINGS.items()))
 

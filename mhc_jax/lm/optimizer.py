@@ -1,5 +1,8 @@
-"""AdamW with warm-up then cosine (or the mHC paper's step decay), clipping, and a weight
-decay mask that spares norms, biases and hyper-connection gates."""
+"""AdamW with warm-up then cosine (or the mHC paper's step decay), clipping, a weight decay
+mask that spares norms, biases and hyper-connection gates, and a learning-rate multiplier for
+hyper-connection static maps and scales."""
+
+import math
 
 import dataclasses
 
@@ -23,12 +26,17 @@ class OptimizerConfig:
   b1: float = 0.9
   b2: float = 0.95
   grad_clip: float = 1.0
+  # The rate of the Variables tagged `static_map=True` (HC's static maps and scales), as a
+  # multiple of the schedule's.
+  static_map_lr_multiplier: float = 1.0
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-    if not self.learning_rate > 0:
-      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+    for name in ("learning_rate", "static_map_lr_multiplier"):
+      value = getattr(self, name)
+      if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be > 0, got {value!r}")
     check_int("warmup_steps", self.warmup_steps, minimum=0)
 
 
@@ -46,6 +54,12 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
+def _per_variable(test, state):
+  """`nnx.State` of Variables -> pure dict of `test(variable)`."""
+  return nnx.to_pure_dict(jax.tree.map(test, state,
+                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def decay_mask(state):
   """`nnx.State` of the model's Variables -> pure dict, True for weight matrices; False for
   vectors and scalars (norm scales, biases, gates, alpha) and for Variables tagged
@@ -59,15 +73,35 @@ def decay_mask(state):
     rank = variable.ndim - (axes[:1] == (LAYERS_AXIS,))
     return rank >= 2 and metadata.get("weight_decay", True)
 
-  return nnx.to_pure_dict(jax.tree.map(decays, state,
-                                       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  return _per_variable(decays, state)
+
+
+def static_map_mask(state):
+  """`nnx.State` of the model's Variables -> pure dict, True for the Variables tagged
+  `static_map=True` (a hyper-connection method's static maps and scales: see
+  `mhc_jax.mappings`)."""
+  return _per_variable(lambda variable: variable.get_metadata().get("static_map", False), state)
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int,
-                   decay: optax.Params) -> optax.GradientTransformation:
-  """`decay`: which parameters get weight decay (a pytree of bools, see `decay_mask`)."""
+                   state) -> optax.GradientTransformation:
+  """`state`: the model's `nnx.State` (abstract will do), whose Variables' tags say which
+  parameters get weight decay (`decay_mask`) and the static maps' rate (`static_map_mask`)."""
+  adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
+                      weight_decay=cfg.weight_decay, mask=decay_mask(state))
   return optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                  weight_decay=cfg.weight_decay, mask=decay),
-  )
+      _scaled_where(adamw, cfg.static_map_lr_multiplier, static_map_mask(state)))
+
+
+def _scaled_where(inner: optax.GradientTransformation, factor: float,
+                  mask) -> optax.GradientTransformation:
+  """`inner` with its updates times `factor` where `mask` (a pytree of bools) is True. Its
+  state is `inner`'s, whatever the factor: a checkpoint restores under another multiplier,
+  and those saved before the multiplier existed restore too."""
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    return jax.tree.map(lambda u, scaled: u * factor if scaled else u, updates, mask), state
+
+  return optax.GradientTransformation(inner.init, update)

@@ -45,6 +45,8 @@ EXPERIMENT_SETTINGS = {
     folder: " or ".join(f"python -m experiments.{script}" for script in scripts)
     for folder, scripts in {"compare/": ("compare_residuals", "stability_map"),
                             "retrofit/": ("retrofit",), "sweeps/": ("sweep",)}.items()}
+# The presets of the other commands, by folder: what they bind is theirs alone.
+COMMAND_SETTINGS = {"grpo/": "mhc-grpo"}
 # `train()`'s keyword -> the config class gin binds as e.g. `ModelConfig.d_model = 64`.
 CONFIG_CLASSES = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig,
                   "mesh": MeshConfig, "loop": LoopConfig}
@@ -67,7 +69,8 @@ def preset_names() -> list[str]:
 
 def mhc_train_presets() -> list[str]:
   """The presets mhc-train runs: all but the experiments/ scripts' settings."""
-  return [name for name in preset_names() if not name.startswith(tuple(EXPERIMENT_SETTINGS))]
+  others = tuple(EXPERIMENT_SETTINGS) + tuple(COMMAND_SETTINGS)
+  return [name for name in preset_names() if not name.startswith(others)]
 
 
 def is_experiment(file: str) -> bool:
@@ -91,6 +94,9 @@ def compose(files: Sequence[str], default: str) -> list[str]:
     for folder, scripts in EXPERIMENT_SETTINGS.items():
       if _found(file).is_relative_to((PRESET_DIR / folder).resolve()):
         raise GinError(f"{file} is for {scripts} (from a checkout), not for mhc-train")
+    for folder, command in COMMAND_SETTINGS.items():
+      if _found(file).is_relative_to((PRESET_DIR / folder).resolve()):
+        raise GinError(f"{file} is for {command}, not for mhc-train")
   experiments = [file for file in files if is_experiment(file)]
   return (experiments or [default]) + [file for file in files if file not in experiments]
 

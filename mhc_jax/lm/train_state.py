@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mhc_jax.diagnostics import gain_summary
 from mhc_jax.lm.model import SITES, ModelConfig, Transformer, count_params, per_layer
-from mhc_jax.lm.optimizer import OptimizerConfig, decay_mask, learning_rate_schedule, make_optimizer
+from mhc_jax.lm.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 from mhc_jax.lm.sharding import MeshConfig, batch_sharding, make_mesh, named, param_specs
 from mhc_jax.site import SiteMixin
 
@@ -42,6 +42,17 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def logits_and_h_res(model: Transformer, inputs: jax.Array,
+                     *args) -> tuple[jax.Array, jax.Array]:
+  """`model(inputs, *args)`'s logits and the H_res its sites computed on the way,
+  `[2 * num_layers, batch, seq, n, n]` (a model with streams; `model`'s sites sow from now on)."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, SiteMixin):
+      module.sow_coefficients = True
+  logits, intermediates = nnx.capture(model, nnx.Intermediate)(inputs, *args)
+  return logits, _h_res_per_sublayer(model, intermediates)
+
+
 def _h_res_per_sublayer(model: Transformer, intermediates) -> jax.Array:
   """Sown coefficients -> `[2 * num_layers, batch, seq, n, n]` H_res, in depth order."""
   sown = nnx.to_pure_dict(intermediates)["blocks"]
@@ -62,7 +73,7 @@ class Trainer:
     self.model_config, self.loop = model, loop
     abstract_model = nnx.eval_shape(lambda: Transformer(model, rngs=nnx.Rngs(loop.seed)))
     self.graphdef, abstract_params = nnx.split(abstract_model)
-    self.tx = make_optimizer(optimizer, loop.steps, decay_mask(abstract_params))
+    self.tx = make_optimizer(optimizer, loop.steps, abstract_params)
     self.schedule = learning_rate_schedule(optimizer, loop.steps)
     self.num_params = count_params(abstract_model)
     param_shardings = named(self.mesh, param_specs(abstract_params, self.mesh))
@@ -132,12 +143,8 @@ class Trainer:
     model = nnx.merge(self.graphdef, params)
     if not capture:
       return cross_entropy(model(batch["inputs"]), batch["targets"]), None
-    for _, module in nnx.iter_modules(model):
-      if isinstance(module, SiteMixin):
-        module.sow_coefficients = True
-    logits, intermediates = nnx.capture(model, nnx.Intermediate)(batch["inputs"])
-    h_res = jax.lax.stop_gradient(_h_res_per_sublayer(model, intermediates))
-    return cross_entropy(logits, batch["targets"]), h_res
+    logits, h_res = logits_and_h_res(model, batch["inputs"])
+    return cross_entropy(logits, batch["targets"]), jax.lax.stop_gradient(h_res)
 
   def _train_step(self, state, batch, diagnostics: bool):
     (loss, h_res), grads = jax.value_and_grad(self._loss, has_aux=True)(
