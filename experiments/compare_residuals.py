@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import report
+from experiments import arms, report
 from experiments.report.thresholds import Thresholds
 from experiments.runs import (configs_json, devices_for, diagnostics_every, final_params,
                              preset_path, train_or_reuse, use_compilation_cache)
@@ -56,7 +56,7 @@ from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.checks import check_int, one_line
 from mhc_jax.diagnostics import layer_cosine_similarity, stream_cosine_similarity
 from mhc_jax.lm.metrics import read_metrics
-from mhc_jax.lm.residuals import RESIDUALS, with_residual
+from mhc_jax.lm.residuals import RESIDUALS
 from mhc_jax.lm.model import ModelConfig, Transformer, per_layer
 from mhc_jax.lm.optimizer import OptimizerConfig, static_map_mask
 from mhc_jax.lm.sharding import MeshConfig
@@ -68,7 +68,10 @@ from mhc_jax.lm.train import LoopConfig
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-  """variants: names in `residuals.RESIDUALS`. seeds: one run per variant and seed.
+  """variants: the arms, each a spec of `experiments/arms.py`: a name in `residuals.RESIDUALS`,
+  an ablation (`hc(dynamic=False)`, `mhc(sinkhorn_iters=1)`), pre-norm trained for a stream
+  variant's FLOPs (`prenorm@flops(mhc)`) or widened to its parameters (`prenorm@params(mhc)`).
+  seeds: one run per arm and seed.
   num_streams: n of the stream variants. gain_points: about how many steps log the H_res gains
   (`LoopConfig.diagnostics_every` = steps // gain_points). analysis_batches: validation batches
   the cosine similarities average over.
@@ -93,9 +96,10 @@ class Comparison:
     for name in ("variants", "seeds", "learning_rates", "sweep_seeds",
                  "static_map_lr_multipliers"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    unknown = set(self.variants) - set(RESIDUALS)
-    if not self.variants or unknown or len(set(self.variants)) != len(self.variants):
-      raise ValueError(f"variants must be distinct ones of {', '.join(RESIDUALS)}; got "
+    # Each an arm (`experiments/arms.py`), kept as its canonical spec.
+    object.__setattr__(self, "variants", tuple(arms.parse_arm(v).spec for v in self.variants))
+    if not self.variants or len(set(self.variants)) != len(self.variants):
+      raise ValueError(f"variants must be distinct arms (e.g. {', '.join(RESIDUALS)}); got "
                        f"{list(self.variants)}")
     for name in ("seeds", "sweep_seeds"):
       seeds = getattr(self, name)
@@ -189,19 +193,29 @@ def load_settings(preset: str, gin_params=(), variants=None, seeds=None) -> Sett
 
 
 def run_name(variant: str, seed: int) -> str:
-  return f"{variant}_seed{seed}"
+  return f"{arms.arm_dirname(arms.parse_arm(variant))}_seed{seed}"
+
+
+def base_configs(settings: Settings) -> dict:
+  """The preset's train configs, before an arm and a seed are set in them."""
+  return {"model": settings.model, "data": settings.data, "optimizer": settings.optimizer,
+          "mesh": settings.mesh, "loop": settings.loop}
 
 
 def run_configs(settings: Settings, variant: str, seed: int,
                 optimizer: OptimizerConfig | None = None) -> dict:
-  """The `train` keyword arguments of one run; `optimizer` (the sweep's) replaces the
-  settings'."""
-  loop = settings.loop
+  """The `train` keyword arguments of one run of arm `variant`; `optimizer` (the sweep's)
+  gives its learning rate and static-map multiplier."""
+  configs = arms.arm_configs(arms.parse_arm(variant), base_configs(settings),
+                             settings.comparison.num_streams)
+  loop = configs["loop"]
+  if optimizer is not None:
+    configs["optimizer"] = dataclasses.replace(
+        configs["optimizer"], learning_rate=optimizer.learning_rate,
+        static_map_lr_multiplier=optimizer.static_map_lr_multiplier)
   return {
-      "model": variant_model(settings, variant),
-      "data": dataclasses.replace(settings.data, seed=seed),
-      "optimizer": optimizer or settings.optimizer,
-      "mesh": settings.mesh,
+      **configs,
+      "data": dataclasses.replace(configs["data"], seed=seed),
       "loop": dataclasses.replace(
           loop, seed=seed, sample_tokens=0,
           diagnostics_every=diagnostics_every(loop.steps, settings.comparison.gain_points)),
@@ -209,7 +223,7 @@ def run_configs(settings: Settings, variant: str, seed: int,
 
 
 def variant_model(settings: Settings, variant: str) -> ModelConfig:
-  return with_residual(settings.model, variant, num_streams=settings.comparison.num_streams)
+  return run_configs(settings, variant, settings.comparison.seeds[0])["model"]
 
 
 def has_static_maps(model: ModelConfig) -> bool:
@@ -351,7 +365,7 @@ def analyse_runs(settings: Settings, plan: Plan) -> list[report.Run]:
                       configs["data"].batch_size, devices_for(settings.mesh))
     measure = compiled_similarities(trainer)
     for seed, (workdir, _) in runs.items():
-      params = final_params(trainer, workdir, settings.loop.steps)
+      params = final_params(trainer, workdir, configs["loop"].steps)
       batches = corpora[seed].validation_batches(comparison.analysis_batches, **shard)
       with jax.set_mesh(trainer.mesh):
         per_batch = [jax.device_get(measure(params, trainer.global_batch(b))) for b in batches]
@@ -396,6 +410,9 @@ def settings_summary(settings: Settings, preset: str) -> dict:
       "devices": f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})",
       "jax": jax.__version__,
       "thresholds": dataclasses.asdict(settings.thresholds),
+      # What each arm costs: parameters, model FLOPs per token, steps, tokens, total FLOPs.
+      "compute": {v: arms.arm_facts(arms.parse_arm(v), base_configs(settings),
+                                    comparison.num_streams) for v in comparison.variants},
       **configs,
   }
 
@@ -423,8 +440,9 @@ def parse_args(argv):
                       help="name in gin_configs/compare/ (cpu, gpu, tpu_pod, stability) or a "
                            ".gin path")
   parser.add_argument("--out", required=True, help="report folder; runs go to OUT/runs/")
-  parser.add_argument("--variants", help=f"comma list of {', '.join(RESIDUALS)} (default: the "
-                                         "preset's)")
+  parser.add_argument("--variants", help=f"comma list of arms: {', '.join(RESIDUALS)}, "
+                                         "ablations such as 'hc(dynamic=False)', "
+                                         "'prenorm@flops(mhc)' (default: the preset's)")
   parser.add_argument("--seeds", help="comma list of ints, e.g. 0,1 (default: the preset's)")
   parser.add_argument("--gin_param", action="append", default=[],
                       help="gin binding applied after the preset (repeatable)")
@@ -442,8 +460,9 @@ def _comma_list(text: str | None, kind):
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    settings = load_settings(args.preset, args.gin_param, _comma_list(args.variants, str.strip),
-                             _comma_list(args.seeds, int))
+    variants = (None if args.variants is None else
+                tuple(arm.spec for arm in arms.parse_arms(args.variants)))
+    settings = load_settings(args.preset, args.gin_param, variants, _comma_list(args.seeds, int))
   except Exception as err:  # gin and the configs raise many types; each means a bad setting
     print(f"compare_residuals: {one_line(err)}", file=sys.stderr)
     return 2

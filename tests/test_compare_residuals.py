@@ -366,3 +366,29 @@ def test_sweep_report_shows_the_curves_and_both_comparisons(swept):
   assert f"| hc | {arm['num_params']:,} | {arm['final_eval_loss']['mean']:.4f} ± n/a |" in second
   assert text.count("still best at the highest rate of its grid after 1 extension(s)") == 2
   assert "| hc | 1e-06, 1e-05, 0.0001, 0.001, 0.01 | 0.01 (static maps x0.1) |" in text
+
+
+def test_arms_ablate_and_match_compute_and_the_report_states_their_cost(tmp_path, preset):
+  arms_preset = tmp_path / "arms.gin"
+  variants = ["prenorm", "hc(dynamic=False)", "prenorm@flops(mhc)", "prenorm@params(mhc)"]
+  arms_preset.write_text(pathlib.Path(preset).read_text().replace(
+      f"Comparison.variants = {list(VARIANTS)}", f"Comparison.variants = {variants}").replace(
+      f"Comparison.seeds = {list(SEEDS)}", "Comparison.seeds = [0]"))
+  out = tmp_path / "out"
+  compare(str(arms_preset), out)
+  summary = json.loads((out / "summary.json").read_text())
+  assert list(summary["variants"]) == variants
+  record = lambda name: json.loads((out / "runs" / f"{name}_seed0" / RUN_CONFIG).read_text())
+  assert record("hc+dynamic=False")["model"]["residual_settings"]["dynamic"] is False
+  # mhc costs more per token than prenorm: the matched prenorm trains more steps, the same
+  # batches first (same seed), and its total FLOPs are mhc's within half a step's.
+  compute = summary["settings"]["compute"]
+  matched = compute["prenorm@flops(mhc)"]
+  assert matched["steps"] > compute["prenorm"]["steps"] == 6
+  assert record("prenorm@flops-mhc")["loop"]["steps"] == matched["steps"]
+  assert abs(matched["ratio"] - 1) <= 0.5 * compute["prenorm"]["flops_per_token"] / (
+      matched["total_flops"] / matched["tokens"]) / matched["steps"]
+  widened = record("prenorm@params-mhc")["model"]
+  assert widened["d_model"] >= 16 and abs(compute["prenorm@params(mhc)"]["ratio"] - 1) <= 0.02
+  text = (out / "report.md").read_text()
+  assert "### Compute per arm" in text and "| prenorm@flops(mhc) |" in text

@@ -59,6 +59,15 @@ def raising_reward(prompts, completions, **batch):
   raise KeyError("score")
 
 
+CALLS = []
+
+
+def nan_after_preflight_reward(prompts, completions, **batch):
+  """A reward that passes the preflight call, then returns NaN."""
+  CALLS.append(len(completions))
+  return [0.0 if len(CALLS) == 1 else float("nan")] * len(completions)
+
+
 def cli_args(workdir, init_from, prompts, *bindings) -> list[str]:
   args = ["--gin_file", "grpo/word_problems.gin", "--workdir", str(workdir), "--no_progress",
           "--gin_param", f'GRPOConfig.prompts = "{prompts}"']
@@ -199,10 +208,47 @@ def nnx_params(model):
   return nnx.to_pure_dict(nnx.state(model))
 
 
-def test_tunix_killed_run_resumes_with_the_rewards_of_the_uninterrupted_one(tmp_path):
+@pytest.fixture(scope="module")
+def mhc_finetuned(tmp_path_factory):
+  """An mHC model fine-tuned 100 steps (it has the answers' format, not the answers) and a
+  prompts file of 6 of its problems."""
   pytest.importorskip("tunix")
-  init_from, problems = finetune(tmp_path, "mhc", 100)
-  prompts = word_problems.write_prompts(problems[:6], tmp_path / "prompts.jsonl")
+  folder = tmp_path_factory.mktemp("mhc")
+  init_from, problems = finetune(folder, "mhc", 100)
+  return init_from, word_problems.write_prompts(problems[:6], folder / "prompts.jsonl")
+
+
+def test_tunix_grpo_under_a_mesh_draws_and_learns_as_on_one_device(tmp_path, mhc_finetuned):
+  init_from, prompts = mhc_finetuned
+  config = grpo.GRPOConfig(prompts=str(prompts), group_size=4, prompts_per_step=2, steps=3,
+                           max_new_tokens=4, max_prompt_length=96)
+  runs = {name: grpo.post_train(str(tmp_path / name), str(init_from), config, mesh=mesh,
+                                devices=jax.devices()[:mesh.data * mesh.fsdp * mesh.tensor],
+                                progress=False)
+          for name, mesh in (("one", MeshConfig()), ("mesh", MeshConfig(fsdp=2, tensor=2)))}
+  assert 0 < sum(r["reward"] for r in runs["one"])  # rewards that can differ
+  for one, mesh in zip(runs["one"], runs["mesh"], strict=True):
+    assert mesh["reward"] == one["reward"] and mesh["response_length"] == one["response_length"]
+    assert mesh["loss"] == pytest.approx(one["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_tunix_a_reward_gone_bad_mid_run_stops_it_in_one_line(tmp_path, mhc_finetuned):
+  init_from, prompts = mhc_finetuned
+  config = grpo.GRPOConfig(prompts=str(prompts), group_size=2, prompts_per_step=2, steps=3,
+                           max_new_tokens=4, max_prompt_length=96,
+                           rewards=("test_grpo.nan_after_preflight_reward",))
+  CALLS.clear()
+  with pytest.raises(ValueError, match=r"^reward function nan_after_preflight_reward returned "
+                                       r"nan for completion 0; a reward function returns one "
+                                       r"finite float per completion$"):
+    grpo.post_train(str(tmp_path / "grpo"), str(init_from), config, devices=ONE_DEVICE,
+                    progress=False)
+  assert CALLS == [1, 4] and not (tmp_path / "grpo" / grpo.FINISHED).exists()
+
+
+def test_tunix_killed_run_resumes_with_the_rewards_of_the_uninterrupted_one(tmp_path,
+                                                                           mhc_finetuned):
+  init_from, prompts = mhc_finetuned
   bindings = ["GRPOConfig.steps = 8", "GRPOConfig.checkpoint_every = 3",
               "GRPOConfig.group_size = 4", "GRPOConfig.prompts_per_step = 2",
               "GRPOConfig.max_prompt_length = 96", "GRPOConfig.max_new_tokens = 4"]

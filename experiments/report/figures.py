@@ -12,6 +12,7 @@ with the min-max band.
 import itertools
 import math
 import pathlib
+import re
 
 import matplotlib
 
@@ -32,12 +33,20 @@ DPI = 110
 
 
 def _color(variant: str) -> str:
-  return RESIDUALS[variant].color if variant in RESIDUALS else "black"
+  """An arm's colour: its variant's (`hc(dynamic=False)`: hc's; `prenorm@flops(mhc)`:
+  prenorm's), drawn dashed (`_style`) when the arm is more than the variant."""
+  base = re.match(r"\w+", variant).group(0)
+  return RESIDUALS[base].color if base in RESIDUALS else "black"
+
+
+def _style(variant: str) -> str:
+  return "-" if variant in RESIDUALS else "--"
 
 
 def _band(ax, steps, values, variant, marker=None):
   """Mean over seeds as a line, min-max over seeds as a shaded band."""
-  ax.plot(steps, values.mean(0), color=_color(variant), label=variant, marker=marker,
+  ax.plot(steps, values.mean(0), color=_color(variant), linestyle=_style(variant),
+          label=variant, marker=marker,
           markersize=3)
   ax.fill_between(steps, values.min(0), values.max(0), color=_color(variant), alpha=0.2,
                   linewidth=0)

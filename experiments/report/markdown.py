@@ -58,6 +58,27 @@ def _thresholds_text(summary: dict) -> str:
           "(`experiments/report/thresholds.py`).")
 
 
+def _compute_lines(summary: dict) -> list[str]:
+  """What each arm costs (`experiments/arms.py`'s facts) and how long its steps took here."""
+  compute = summary["settings"].get("compute")
+  if not compute:
+    return []
+  lines = ["### Compute per arm", "",
+           "| arm | parameters | model MFLOPs / token | steps | total PFLOPs | matched ratio | "
+           "training time (s, from tokens/s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+  for arm, facts in compute.items():
+    tokens_per_sec = summary["variants"].get(arm, {}).get("tokens_per_sec_median", math.nan)
+    ratio = f"{facts['ratio']:.4f} ({facts['target']})" if "ratio" in facts else "–"
+    lines.append(f"| {arm} | {facts['parameters']:,} | {facts['flops_per_token'] / 1e6:.3f} | "
+                 f"{facts['steps']} | {facts['total_flops'] / 1e15:.4f} | {ratio} | "
+                 f"{facts['tokens'] / tokens_per_sec:,.0f} |")
+  return lines + ["", "Model FLOPs per token: `mhc_jax.lm.flops` (matmuls, attention and the "
+                  "hyper-connection sites' mixing and coefficients; forward and backward). "
+                  "Matched ratio: the arm's total FLOPs (`@flops`) or parameters "
+                  "(`@params`) over its target's. Training time: the arm's tokens over its "
+                  "median tokens/s (evaluation left out).", ""]
+
+
 def _reference_lines(reference: dict | None) -> list[str]:
   """What a model that learned nothing past token counts scores on the same tokens."""
   if reference is None:
@@ -185,6 +206,7 @@ def markdown(summary: dict) -> str:
       + _thresholds_text(summary) + " Tokens/s: median over logged steps (shared machines "
       "make it noisy).",
       "",
+      *_compute_lines(summary),
       "### Every pair of variants",
       "",
       "Final validation loss of the row's variant minus the column's, paired by seed: mean "
