@@ -79,13 +79,19 @@ class Comparison:
   The learning-rate sweep (none when `learning_rates` is empty): learning_rates, a log grid of
   peak rates; sweep_seeds, the seeds of each point; max_extensions, how many times a best
   point at an edge extends the grid; static_map_lr_multipliers, swept with the rates for
-  variants with static maps (`OptimizerConfig.static_map_lr_multiplier`)."""
+  variants with static maps (`OptimizerConfig.static_map_lr_multiplier`).
+
+  Stated before the runs: equivalence_margin, the margin (nats) within which the report tests
+  each paired difference for equivalence (TOST); detectable_effect, the difference (nats) for
+  which it gives the seeds that would detect it with 80% power at the spread observed."""
 
   variants: tuple[str, ...] = tuple(RESIDUALS)
   seeds: tuple[int, ...] = (0, 1)
   num_streams: int = 4
   gain_points: int = 30
   analysis_batches: int = 4
+  equivalence_margin: float = report.numbers.EQUIVALENCE_MARGIN
+  detectable_effect: float = report.numbers.DETECTABLE_EFFECT
   learning_rates: tuple[float, ...] = ()
   sweep_seeds: tuple[int, ...] = (0,)
   max_extensions: int = 2
@@ -108,6 +114,9 @@ class Comparison:
     for name in ("num_streams", "gain_points", "analysis_batches"):
       check_int(name, getattr(self, name))
     check_int("max_extensions", self.max_extensions, minimum=0)
+    for name in ("equivalence_margin", "detectable_effect"):
+      if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+        raise ValueError(f"{name} must be > 0 (nats), got {getattr(self, name)!r}")
     multipliers = self.static_map_lr_multipliers
     if not multipliers or len(set(multipliers)) != len(multipliers) or \
         not all(m > 0 and math.isfinite(m) for m in multipliers):

@@ -39,6 +39,7 @@ stream rows' H_res gains, `gain_over_training.png` and `gain_per_layer.png`.
 
 import argparse
 import dataclasses
+from collections import Counter
 import json
 import math
 import pathlib
@@ -86,6 +87,7 @@ EVAL_BATCH_SIZE = 50  # prompts decoded together
 FIGURES = ("accuracy.png", "loss_train.png", "loss_eval.png", "gain_over_training.png",
            "gain_per_layer.png")
 GRPO_FIGURES = ("grpo_reward.png",)  # with GRPO rows
+GRPO_CURVES = "grpo_reward.json"  # the figure's data
 FINETUNED = {"prenorm": "pre-norm fine-tune (the blog's SFT baseline)",
              "hc": "HC retrofit + fine-tune",
              "mhc": "mHC retrofit + fine-tune",
@@ -344,9 +346,30 @@ def evaluate_runs(settings: Settings, corpus: Corpus, out: pathlib.Path) -> list
     results.append({"row": row, "seed": seed, "run": name, "accuracy": score["accuracy"],
                     "stderr": score["stderr"], "task_val_loss": score["task_val_loss"],
                     "first_continuations": score["continuations"][:5],
+                    "top_answer": top_answer(score["answers"]),
                     "correct": np.array(score["correct"]),
                     "metrics": read_metrics(workdir)})
   return results
+
+
+REWARD_PARTS = ("reward", "reward/exact_match_reward", "reward/format_reward")
+EDGE_STEPS = 10  # the GRPO steps averaged at the start and at the end
+
+
+def grpo_rewards(rows: list[dict]) -> dict:
+  """A GRPO run's rewards (and their parts) averaged over its first and last `EDGE_STEPS`
+  steps, and its last step's KL to the reference."""
+  mean = lambda part, key: float(np.mean([r[key] for r in part]))
+  return {"first": {key: mean(rows[:EDGE_STEPS], key) for key in REWARD_PARTS},
+          "last": {key: mean(rows[-EDGE_STEPS:], key) for key in REWARD_PARTS},
+          "final_kl": rows[-1]["kl"], "steps_averaged": EDGE_STEPS}
+
+
+def top_answer(answers: list[str]) -> dict:
+  """The answer a model gave most often over the test problems and its share: a model that
+  collapsed to one answer gives it to nearly all."""
+  answer, count = Counter(answers).most_common(1)[0]
+  return {"answer": answer, "share": count / len(answers)}
 
 
 def mean_stderr(values) -> dict:
@@ -401,7 +424,10 @@ def summarize(settings: Settings, task: word_problems.Task, results: list[dict],
                  "accuracy": {**mean_stderr(accuracies),
                               "per_seed": {str(r["seed"]): r["accuracy"] for r in group}},
                  "stderr_over_problems": float(np.mean([r["stderr"] for r in group])),
-                 "task_val_loss": mean_std([r["task_val_loss"] for r in group])}
+                 "task_val_loss": mean_std([r["task_val_loss"] for r in group]),
+                 "top_answer": {str(r["seed"]): r["top_answer"] for r in group}}
+    if row.endswith(GRPO):
+      rows[row]["grpo"] = {str(r["seed"]): grpo_rewards(r["metrics"]) for r in group}
   comparisons = []
   for row, base in COMPARISONS:
     if row in retrofit.rows and base in retrofit.rows:
@@ -475,6 +501,15 @@ def plot_accuracy(path: pathlib.Path, summary: dict) -> None:
   plt.close(fig)
 
 
+def grpo_curves(groups: dict) -> dict:
+  """The GRPO rows' reward curves as data: per row and seed, each step's mean reward and its
+  parts (the plot's numbers)."""
+  keys = ("reward", "reward/exact_match_reward", "reward/format_reward", "kl")
+  return {row: {str(run.seed): {"step": [r["step"] for r in run.rows],
+                                **{k: [r.get(k) for r in run.rows] for k in keys}}
+                for run in group} for row, group in groups.items()}
+
+
 def row_color(row: str) -> str:
   """A row's colour: its variant's (a GRPO row's, that of the row it post-trains)."""
   entry = RESIDUALS.get(row.removesuffix(GRPO))
@@ -490,6 +525,7 @@ def plot_all(out: pathlib.Path, summary: dict, results: list[dict]) -> None:
     plot_curve(out / "grpo_reward.png", post_trained, "reward",
                "GRPO: mean reward of the rollouts (exact match + format, 0 or 1 each)",
                "reward per completion")
+    (out / GRPO_CURVES).write_text(json.dumps(grpo_curves(post_trained), indent=1) + "\n")
   groups = runs(False)
   if not groups:
     return
@@ -509,15 +545,18 @@ def _number(value: float, fmt: str = ".3f") -> str:
 def _accuracy_table(summary: dict) -> list[str]:
   seeds = summary["settings"]["seeds"]
   lines = [f"| row | blog (GSM8K 5-shot ± stderr) | here: accuracy, mean ± SE over seeds | "
-           f"per seed ({', '.join(map(str, seeds))}) | SE over problems | val loss (problems) |",
-           "|---|---:|---:|---:|---:|---:|"]
+           f"per seed ({', '.join(map(str, seeds))}) | SE over problems | val loss (problems) | "
+           "most common answer (share), per seed |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   for row, entry in summary["rows"].items():
     blog = "–" if entry["blog"] is None else f"{entry['blog']:.4f} ± {entry['blog_stderr']:.4f}"
     acc = entry["accuracy"]
     se = "–" if math.isnan(acc["stderr"]) else f"{acc['stderr']:.3f}"
     per_seed = ", ".join(f"{v:.3f}" for v in acc["per_seed"].values())
+    top = ", ".join(f"{t['answer']} ({t['share']:.0%})" for t in entry["top_answer"].values())
     lines.append(f"| {entry['name']} | {blog} | {acc['mean']:.3f} ± {se} | {per_seed} | "
-                 f"{entry['stderr_over_problems']:.3f} | {entry['task_val_loss']['mean']:.4f} |")
+                 f"{entry['stderr_over_problems']:.3f} | {entry['task_val_loss']['mean']:.4f} | "
+                 f"{top} |")
   return lines
 
 

@@ -17,6 +17,7 @@ import pytest
 from mhc_jax.lm.metrics import read_metrics
 
 from experiments import compare_residuals, report
+from experiments.report import significance
 from experiments.report.thresholds import Thresholds, failed, surges_of_run
 from experiments.runs import RUN_CONFIG, check_run_config
 from experiments.report.markdown import _sweep_lines as sweep_lines, format_paired
@@ -124,6 +125,11 @@ def test_summary_numbers_are_the_runs_final_eval_losses(out):
   paired = summary["variants"]["mhc"]["eval_loss_minus"]["prenorm"]
   assert summary["variants"]["prenorm"]["eval_loss_minus"]["mhc"]["mean"] == \
       pytest.approx(-deltas.mean())
+  # The preset's margins (the defaults, 0.02 nats): equivalence and the seeds an effect needs.
+  assert paired["tost"] == pytest.approx(significance.tost(deltas, 0.02))
+  assert paired["seeds_for_effect"] == {
+      "effect": 0.02, "seeds": significance.seeds_for_effect(np.std(deltas, ddof=1), 0.02)}
+  assert "TOST p = " in (out / "report.md").read_text()
   assert paired["mean"] == pytest.approx(deltas.mean())
   assert paired["ci95"] == pytest.approx(12.706 * abs(deltas[1] - deltas[0]) / 2, rel=1e-4)
   # mHC's H_res is doubly stochastic: its gains stay at 1, composite ones too.
@@ -174,6 +180,17 @@ def test_presets_load(name):
     assert {"hc", "mhc"} <= set(settings.comparison.variants)
   if name == "tpu_pod":
     assert settings.mesh.shape == (16, 8, 2)
+
+
+def test_the_ablations_preset_is_the_cpu_comparison_with_its_arms():
+  settings, cpu = (compare_residuals.load_settings(name) for name in ("ablations", "cpu"))
+  assert dataclasses.replace(settings.comparison, variants=cpu.comparison.variants) == \
+      cpu.comparison and settings.model == cpu.model and settings.loop == cpu.loop
+  models = {v: compare_residuals.variant_model(settings, v) for v in settings.comparison.variants}
+  assert models["hc(dynamic=False)"].residual_settings.dynamic is False
+  assert models["mhc(sinkhorn_iters=1)"].residual_settings.sinkhorn_iters == 1
+  assert models["frac(num_streams=1)"].num_streams == 1  # Frac-connections' own definition
+  assert models["mhc(num_streams=2)"].num_streams == 2 and models["mhc"].num_streams == 4
 
 
 def test_cpu_presets_commented_sweep_loads():

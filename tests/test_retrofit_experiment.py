@@ -346,6 +346,13 @@ def test_tunix_micro_pipeline_with_grpo_rows(tmp_path):
     assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
     assert json.loads((workdir / retrofit.SCORES).read_text())["key"]["grpo"]["steps"] == 2
   assert summary["settings"]["grpo"]["steps"] == 2
+  rows = read_metrics(out / "runs" / "mhc+grpo_seed0")
+  assert summary["rows"]["mhc+grpo"]["grpo"]["0"]["last"]["reward"] == pytest.approx(
+      np.mean([r["reward"] for r in rows]))  # 2 steps: the last 10 are all of them
+  assert summary["rows"]["mhc+grpo"]["top_answer"]["0"]["share"] > 0
   assert "0.4541" in (out / "report.md").read_text()
+  curves = json.loads((out / retrofit.GRPO_CURVES).read_text())
+  assert curves["mhc+grpo"]["0"]["reward"] == [
+      r["reward"] for r in read_metrics(out / "runs" / "mhc+grpo_seed0")]
   for figure in retrofit.FIGURES + retrofit.GRPO_FIGURES:
     assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure

@@ -58,6 +58,21 @@ def _thresholds_text(summary: dict) -> str:
           "(`experiments/report/thresholds.py`).")
 
 
+def _equivalence_lines(summary: dict) -> list[str]:
+  """Per variant against pre-norm: TOST at the preset's margin, and the seeds its effect
+  needs at this spread."""
+  lines = []
+  for variant, entry in summary["variants"].items():
+    delta = entry["eval_loss_minus"].get(BASELINE, {})
+    if "tost" in delta:
+      tost, need = delta["tost"], delta["seeds_for_effect"]
+      lines.append(f"- {variant} − {BASELINE}: equivalent within ±{tost['margin']:g} nats "
+                   f"(TOST p = {tost['p']:.3f}): {'yes' if tost['equivalent'] else 'not shown'}; "
+                   f"{need['seeds']} seeds would detect {need['effect']:g} nats with 80% power "
+                   "at this spread.")
+  return lines + [""] if lines else []
+
+
 def _compute_lines(summary: dict) -> list[str]:
   """What each arm costs (`experiments/arms.py`'s facts) and how long its steps took here."""
   compute = summary["settings"].get("compute")
@@ -187,6 +202,7 @@ def markdown(summary: dict) -> str:
       *_own_best_lines(summary),
       *_table(summary),
       "",
+      *_equivalence_lines(summary),
       *_reference_lines(summary.get("reference")),
       "Final validation loss: every window of the validation split at the last step (the "
       "curves' `eval_loss` is a fixed subset spread over every held-out document, the same "

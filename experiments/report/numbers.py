@@ -13,7 +13,10 @@ from experiments.report.thresholds import Thresholds, failed, series, surges_of_
 
 BASELINE = "prenorm"
 GAINS = ("forward_gain", "backward_gain", "composite_forward_gain", "composite_backward_gain")
-REFERENCE_KEYS = ("unigram_loss", "bigram_loss")  # what `mhc_jax.lm.train` logs at the end
+REFERENCE_KEYS = ("unigram_loss", "bigram_loss")
+# The defaults of `Comparison.equivalence_margin` and `.detectable_effect` (nats): the papers'
+# effects are 0.02-0.03, so a difference within 0.02 is what "no difference" may claim.
+EQUIVALENCE_MARGIN = DETECTABLE_EFFECT = 0.02  # what `mhc_jax.lm.train` logs at the end
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # arrays have no value equality
@@ -110,12 +113,20 @@ def paired_difference(deltas) -> dict:
   return entry
 
 
-def compared(ours: list[float], theirs: list[float]) -> dict:
-  """Final losses of two variants at the same seeds (in order): the paired difference, and
-  its unpaired (Welch) interval beside it (pairing helps only when seeds' losses correlate)."""
-  entry = paired_difference([a - b for a, b in zip(ours, theirs)])
+def compared(ours: list[float], theirs: list[float], margin: float = EQUIVALENCE_MARGIN,
+             effect: float = DETECTABLE_EFFECT) -> dict:
+  """Final losses of two variants at the same seeds (in order): the paired difference, its
+  unpaired (Welch) interval beside it (pairing helps only when seeds' losses correlate), the
+  equivalence test within +-`margin` (TOST), and the seeds that would detect `effect` with
+  80% power at this spread."""
+  deltas = [a - b for a, b in zip(ours, theirs)]
+  entry = paired_difference(deltas)
   if len(ours) > 1:
     entry["welch_ci95"] = significance.welch_difference(ours, theirs)["ci"]
+  if len(ours) > 1 and entry["std"] > 0:
+    entry["tost"] = significance.tost(deltas, margin)
+    entry["seeds_for_effect"] = {"effect": effect, "seeds": significance.seeds_for_effect(
+        entry["std"], effect)}
   return entry
 
 
@@ -144,7 +155,9 @@ def summarize(runs: list[Run], settings: dict,
                  [series(r.rows, "tokens_per_sec")[1] for r in group])))}
     # Same seed, same data order and validation set: the difference cancels what they share.
     entry["eval_loss_minus"] = {
-        other: compared(list(final[variant].values()), [final[other][s] for s in final[variant]])
+        other: compared(list(final[variant].values()), [final[other][s] for s in final[variant]],
+                        settings.get("equivalence_margin", EQUIVALENCE_MARGIN),
+                        settings.get("detectable_effect", DETECTABLE_EFFECT))
         for other in groups if other != variant}
     if has_streams(group):
       # Worst case over seeds: a gain that explodes in one seed is what stability is about.

@@ -33,10 +33,11 @@ class OptimizerConfig:
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
       raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-    for name in ("learning_rate", "static_map_lr_multiplier"):
-      value = getattr(self, name)
-      if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not self.learning_rate > 0:  # inf is a rate too: the tests' way to a non-finite update
+      raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+    if not (self.static_map_lr_multiplier > 0 and math.isfinite(self.static_map_lr_multiplier)):
+      raise ValueError("static_map_lr_multiplier must be > 0, got "
+                       f"{self.static_map_lr_multiplier!r}")
     check_int("warmup_steps", self.warmup_steps, minimum=0)
 
 
