@@ -99,6 +99,12 @@ def test_report_holds_every_file_and_valid_pngs(out):
     assert len(data) > 1000 and data[:8] == PNG_SIGNATURE, name
   text = (out / "report.md").read_text()
   assert all(f"]({name})" in text for name in report.FIGURES)
+  curves = json.loads((out / "curves.json").read_text())
+  rows = read_metrics(out / "runs" / "mhc_seed1")
+  assert curves["mhc"]["1"]["train_loss"] == {"step": [r["step"] for r in rows],
+                                              "value": [r["train_loss"] for r in rows]}
+  assert "composite_backward_gain/max" in curves["mhc"]["1"]
+  assert "composite_backward_gain/max" not in curves["prenorm"]["0"]
   assert all(f"| {variant} |" in text for variant in VARIANTS)
 
 

@@ -13,14 +13,29 @@ from experiments.report.figures import FIGURES, SWEEP_FIGURE, plot_all, plot_swe
 from experiments.report.markdown import markdown
 from experiments.report.numbers import (BASELINE, Run, final_eval_loss, jsonable,
                                         prenorm_best_summary, summarize)
-from experiments.report.thresholds import Thresholds
+from experiments.report.thresholds import Thresholds, series
 
 __all__ = ["BASELINE", "FIGURES", "SWEEP_FIGURE", "Run", "final_eval_loss", "write_report"]
 SWEEP_DATA = "sweep.json"  # the sweep figure's data
+CURVES_DATA = "curves.json"  # the curves' data: every run's logged series
+CURVE_KEYS = ("train_loss", "eval_loss", "grad_norm", "composite_forward_gain/max",
+              "composite_backward_gain/max")
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
   path.write_text(json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def curves(runs: list[Run]) -> dict:
+  """The figures' data: per variant and seed, the steps and values of each `CURVE_KEYS`
+  series it logged."""
+  data = {}
+  for run in runs:
+    series_of = {key: series(run.rows, key) for key in CURVE_KEYS}
+    data.setdefault(run.variant, {})[str(run.seed)] = {
+        key: {"step": steps.tolist(), "value": values.tolist()}
+        for key, (steps, values) in series_of.items() if len(steps)}
+  return data
 
 
 def write_report(out: pathlib.Path, runs: list[Run], settings: dict, sweep: dict | None = None,
@@ -33,6 +48,7 @@ def write_report(out: pathlib.Path, runs: list[Run], settings: dict, sweep: dict
   thresholds = Thresholds(**settings.get("thresholds", {}))
   summary = summarize(runs, settings, thresholds)
   plot_all(out, runs, summary["reference"])
+  _write_json(out / CURVES_DATA, curves(runs))
   if sweep:
     summary |= {"sweep": sweep,
                 "prenorm_best": prenorm_best_summary(prenorm_best, settings, sweep,
