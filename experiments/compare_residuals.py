@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from experiments import arms, report
 from experiments.report.thresholds import Thresholds
 from experiments.runs import (configs_json, devices_for, diagnostics_every, final_params,
-                             preset_path, train_or_reuse, use_compilation_cache)
+                             preset_path, Stopped, train_or_reuse, use_compilation_cache)
 from mhc_jax.lm import distributed, presets, train as train_lib
 from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.checks import check_int, one_line
@@ -483,6 +483,9 @@ def main(argv=None) -> int:
     compare(settings, out, args.preset, progress=not args.no_progress)
     if jax.process_index() == 0:
       print(f"report: {out / 'report.md'}", flush=True)
+  except Stopped as stopped:
+    print(stopped, file=sys.stderr)
+    return 0
   except (ValueError, train_lib.NonFiniteError) as err:
     print(f"compare_residuals: {err}", file=sys.stderr)
     return 2 if isinstance(err, ValueError) else 1

@@ -57,7 +57,7 @@ from flax import nnx  # noqa: E402
 
 from experiments import report, word_problems  # noqa: E402
 from experiments.runs import (configs_json, devices_for, diagnostics_every,  # noqa: E402
-                             final_params, preset_path, train_or_reuse,
+                             final_params, preset_path, Stopped, train_or_reuse,
                              use_compilation_cache)
 from experiments.report.figures import (DPI, plot_curve, plot_gains_over_training,  # noqa: E402
                                         plot_gains_per_layer)
@@ -720,6 +720,9 @@ def main(argv=None) -> int:
     post_train_runs(settings, out, progress=not args.no_progress)
     corpus = task_corpus(settings, out)
     write_report(out, settings, task, evaluate_runs(settings, corpus, out), corpus)
+  except Stopped as stopped:
+    print(stopped, file=sys.stderr)
+    return 0
   except (ValueError, train_lib.NonFiniteError) as err:
     print(f"retrofit: {err}", file=sys.stderr)
     return 2 if isinstance(err, ValueError) else 1

@@ -52,15 +52,27 @@ def use_compilation_cache(runs_dir: pathlib.Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str((runs_dir / "jax_cache").absolute()))
 
 
+# What says when an invocation stops, not what the run is: a resumed run may change it.
+INVOCATION_FIELDS = {"loop": ("stop_after_step",)}
+
+
+def _run_identity(record: dict) -> dict:
+  """A run's record (as JSON) without `INVOCATION_FIELDS`."""
+  return {group: ({k: v for k, v in fields.items() if k not in INVOCATION_FIELDS[group]}
+                  if group in INVOCATION_FIELDS and isinstance(fields, dict) else fields)
+          for group, fields in record.items()}
+
+
 def check_run_config(workdir: pathlib.Path, configs: dict) -> None:
-  """Records the run's configs in a new workdir; refuses one trained with others."""
-  path, wanted = workdir / RUN_CONFIG, configs_json(configs)
+  """Records the run's configs in a new workdir; refuses one trained with others (an
+  invocation's `LoopConfig.stop_after_step` aside)."""
+  path, wanted = workdir / RUN_CONFIG, _run_identity(configs_json(configs))
   if not path.exists():
     workdir.mkdir(parents=True, exist_ok=True)
     # With --multihost every process may write it at once (the same text); none reads half.
     write_atomically(path, json.dumps(wanted, indent=2) + "\n")
     return
-  found = with_added_defaults(json.loads(path.read_text()), configs)
+  found = _run_identity(with_added_defaults(json.loads(path.read_text()), configs))
   if FLAT_SETTINGS.keys() & found.get("model", {}).keys():  # recorded before variant settings
     found["model"] = configs_json({"model": ModelConfig.from_record(found["model"])})["model"]
   if found != wanted:
@@ -82,11 +94,17 @@ def with_added_defaults(found: dict, configs: dict) -> dict:
   return found
 
 
+class Stopped(Exception):
+  """A run returned before its last step (SIGTERM / SIGINT, or `LoopConfig.stop_after_step`),
+  with a checkpoint: the experiment stops too, and the same command resumes it."""
+
+
 def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,
                    progress: bool) -> None:
   """Trains (or resumes, or reuses) every run, one after another: (its workdir, `train`'s
   keyword arguments, what its workdir records: the configs and whatever else it depends on).
-  `prog` names the experiment in the line a lost process prints."""
+  `prog` names the experiment in the line a lost process prints. `Stopped` when a run was
+  stopped before its end: the runs after it are not started."""
   for i, (workdir, configs, record) in enumerate(runs, 1):
     check_run_config(workdir, record)
     finished = train_lib.is_finished(workdir, configs["loop"].steps)
@@ -97,6 +115,11 @@ def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,
       with distributed.exit_if_peer_lost(workdir, f"{prog}: {workdir.name}"):
         train_lib.train(str(workdir), **configs, devices=devices_for(configs["mesh"]),
                         progress=progress)
+      # The checkpoint, which every process saves together (finished.json is the first
+      # process's alone, and may not be written yet when another returns).
+      if (checkpoint.latest_step(workdir.absolute()) or 0) < configs["loop"].steps:
+        raise Stopped(f"{prog}: stopped in {workdir.name} (its checkpoint is saved); run the "
+                      "same command to resume")
 
 
 def final_params(trainer: Trainer, workdir: pathlib.Path, step: int):

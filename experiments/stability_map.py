@@ -61,7 +61,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from experiments.report import significance, thresholds  # noqa: E402
 from experiments.report.numbers import series  # noqa: E402
 from experiments.runs import (configs_json, devices_for, diagnostics_every,  # noqa: E402
-                             preset_path, train_or_reuse, use_compilation_cache)
+                             preset_path, Stopped, train_or_reuse, use_compilation_cache)
 from mhc_jax.checks import check_int, one_line  # noqa: E402
 from mhc_jax.lm import presets  # noqa: E402
 from mhc_jax.lm.data import Corpus, DataConfig  # noqa: E402
@@ -503,6 +503,9 @@ def main(argv=None) -> int:
   try:
     summary = run_experiment(settings, out / "runs", progress=not args.no_progress)
     write_report(out, settings, args.preset, summary)
+  except Stopped as stopped:
+    print(stopped, file=sys.stderr)
+    return 0
   except ValueError as err:
     print(f"stability_map: {err}", file=sys.stderr)
     return 2

@@ -415,3 +415,24 @@ def test_arms_ablate_and_match_compute_and_the_report_states_their_cost(tmp_path
   assert widened["d_model"] >= 16 and abs(compute["prenorm@params(mhc)"]["ratio"] - 1) <= 0.02
   text = (out / "report.md").read_text()
   assert "### Compute per arm" in text and "| prenorm@flops(mhc) |" in text
+
+
+def test_a_stopped_run_stops_the_comparison_and_the_same_command_resumes(tmp_path, preset):
+  # stop_after_step ends a run early with a checkpoint, as SIGTERM does: the comparison must
+  # not go on to the next run (nor analyse an unfinished one), and its rerun resumes.
+  out = tmp_path / "out"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  command = [sys.executable, "-m", "experiments.compare_residuals", "--preset", preset, "--out",
+             str(out), "--no_progress", "--variants", "prenorm", "--seeds", "0,1"]
+  stop = ["--gin_param", "LoopConfig.stop_after_step = 3"]
+  proc = subprocess.run(command + stop, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == ("compare_residuals: stopped in prenorm_seed0 (its "
+                                          "checkpoint is saved); run the same command to resume")
+  assert "prenorm_seed1" not in proc.stdout and not (out / "report.md").exists()
+  assert [r["step"] for r in read_metrics(out / "runs" / "prenorm_seed0")][-1] == 3
+  proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [r["step"] for r in read_metrics(out / "runs" / "prenorm_seed0")][-1] == 6
+  assert (out / "report.md").exists()
