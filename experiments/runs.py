@@ -99,6 +99,14 @@ class Stopped(Exception):
   with a checkpoint: the experiment stops too, and the same command resumes it."""
 
 
+def ended_early(workdir: pathlib.Path, steps: int) -> bool:
+  """Whether the run in `workdir`, just returned from `train`, stopped before `steps` (a
+  signal, `LoopConfig.stop_after_step`). By its checkpoint, which every process saves
+  together: finished.json is the first process's alone, and may not be written yet when
+  another returns."""
+  return (checkpoint.latest_step(workdir.absolute()) or 0) < steps
+
+
 def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,
                    progress: bool) -> None:
   """Trains (or resumes, or reuses) every run, one after another: (its workdir, `train`'s
@@ -115,9 +123,7 @@ def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,
       with distributed.exit_if_peer_lost(workdir, f"{prog}: {workdir.name}"):
         train_lib.train(str(workdir), **configs, devices=devices_for(configs["mesh"]),
                         progress=progress)
-      # The checkpoint, which every process saves together (finished.json is the first
-      # process's alone, and may not be written yet when another returns).
-      if (checkpoint.latest_step(workdir.absolute()) or 0) < configs["loop"].steps:
+      if ended_early(workdir, configs["loop"].steps):
         raise Stopped(f"{prog}: stopped in {workdir.name} (its checkpoint is saved); run the "
                       "same command to resume")
 

@@ -35,6 +35,7 @@ import sys
 
 import gin
 
+from experiments.runs import ended_early
 from mhc_jax.checks import one_line
 from mhc_jax.lm import cli, distributed, presets, train as train_lib
 
@@ -118,6 +119,7 @@ def run_local(runs: list[Run], out: pathlib.Path) -> None:
     if code:
       raise SystemExit(f"sweep: run {run.name} failed with exit code {code}; rerun the sweep "
                        "to resume it")
+    stop_if_ended_early(run, workdir)
 
 
 def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
@@ -134,6 +136,16 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
     configs, bindings = run_configs(run)  # what run_local's subprocesses get
     with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
       train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
+    stop_if_ended_early(run, workdir)
+
+
+def stop_if_ended_early(run: Run, workdir: pathlib.Path) -> None:
+  """A run stopped early (a signal, `LoopConfig.stop_after_step`; with its checkpoint) stops
+  the sweep, not just the run: one line and exit 0, as mhc-train's own stop."""
+  if ended_early(workdir, run_configs(run)[0]["loop"].steps):
+    print(f"sweep: stopped in {run.name} (its checkpoint is saved); rerun the sweep to resume "
+          "it", file=sys.stderr, flush=True)
+    raise SystemExit(0)
 
 
 def tpu_command(args) -> list[str]:

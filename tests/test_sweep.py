@@ -82,6 +82,27 @@ def test_local_sweep_runs_each_point_once(tmp_path, corpus):
   assert again.stdout.count("finished, skipped") == 2, again.stdout
 
 
+def test_a_stopped_run_stops_the_sweep_and_a_rerun_resumes(tmp_path, corpus):
+  # stop_after_step ends a run early with a checkpoint, as SIGTERM does.
+  bindings = TINY + [f"DataConfig.source = '{corpus}'", "LoopConfig.steps = 4"]
+  grid = {"ModelConfig.residual": ["prenorm", "mhc"]}
+  out = tmp_path / "out"
+  stopped = subprocess.run(
+      [sys.executable, "-m", "experiments.sweep",
+       write_spec(tmp_path / "stop.gin", bindings + ["LoopConfig.stop_after_step = 2"], grid),
+       "--out", str(out)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert stopped.returncode == 0, stopped.stderr[-2000:]
+  assert stopped.stderr.splitlines()[-1] == ("sweep: stopped in residual=prenorm (its checkpoint "
+                                             "is saved); rerun the sweep to resume it")
+  assert not (out / "residual=mhc").exists()
+  resumed = subprocess.run([sys.executable, "-m", "experiments.sweep",
+                            write_spec(tmp_path / "s.gin", bindings, grid), "--out", str(out)],
+                           cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  for name in ("residual=prenorm", "residual=mhc"):
+    assert [r["step"] for r in read_metrics(out / name)][-1] == 4
+
+
 def test_a_run_is_finished_at_the_steps_its_bindings_ask(tmp_path):
   (tmp_path / "checkpoints" / "2").mkdir(parents=True)
   (tmp_path / "finished.json").write_text('{"step": 2}')
@@ -142,6 +163,7 @@ def test_a_multihost_run_composes_its_presets_as_mhc_train_does(monkeypatch, tmp
   trained = []
   monkeypatch.setattr(sweep.distributed, "initialize", lambda *args: None)
   monkeypatch.setattr(sweep.train_lib, "train", lambda workdir, **kw: trained.append(kw))
+  monkeypatch.setattr(sweep, "ended_early", lambda *args: False)  # the fake saves nothing
   run = sweep.Run("mhc", ("residual/mhc.gin",), ())
   args = type("Args", (), {"coordinator": None, "num_processes": None, "process_id": None})
   sweep.run_multihost([run], tmp_path, args)
