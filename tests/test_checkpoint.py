@@ -3,6 +3,7 @@ its one-line failed writes (restores and a real full disk are tested through the
 test_reliability.py)."""
 
 import errno
+import gc
 import io
 import logging
 import shutil
@@ -65,6 +66,24 @@ def test_installed_filter_drops_the_closed_loop_error_python_prints_itself(monke
       sys.excepthook(*sys.exc_info())
   printed = sys.stderr.getvalue()
   assert "Event loop is closed" not in printed and printed.endswith("KeyError: 'kept'\n")
+
+
+def test_installed_filter_drops_asyncios_report_of_an_unretrieved_task_exception(caplog):
+  import asyncio
+  hide_abandoned_restore_reads()
+
+  async def failing_read():
+    raise ValueError("FAILED_PRECONDITION: Error reading \"params.embed/0.0\"")
+
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(failing_read())
+  loop.run_until_complete(asyncio.sleep(0))  # the task fails; nobody reads its exception
+  loop.close()
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    del task
+    gc.collect()  # asyncio reports the lost exception as the task is collected
+    logging.getLogger("asyncio").error("Unclosed connection")  # other errors still pass
+  assert [r.getMessage() for r in caplog.records] == ["Unclosed connection"]
 
 
 # --- a failed write (the full disk itself is in test_reliability.py) ------------------------

@@ -221,9 +221,13 @@ def hide_abandoned_restore_reads() -> None:
   """A restore that fails on one array (a damaged file) leaves orbax's other reads in
   flight. As each ends it reports to the event loop orbax has closed (RuntimeError), or dies
   as a coroutine nobody awaits, and Python prints each as a traceback: dozens of them around
-  the one line that says what is wrong. These two kinds alone are dropped: the first from
-  sys.stderr, whichever hook or native thread prints it, the second in the unraisable hook."""
+  the one line that says what is wrong, or, when its task is collected first, as asyncio's
+  "Task exception was never retrieved". These kinds alone are dropped: the first from
+  sys.stderr, whichever hook or native thread prints it, the second in the unraisable hook,
+  the third from the asyncio logger (only orbax runs an event loop in these commands)."""
   unraisablehook = sys.unraisablehook
+  if _unretrieved_task_exception not in logging.getLogger("asyncio").filters:
+    logging.getLogger("asyncio").addFilter(_unretrieved_task_exception)
 
   def on_unraisable(info):
     if not (inspect.iscoroutine(info.object) and isinstance(info.exc_value, Exception)):
@@ -232,6 +236,11 @@ def hide_abandoned_restore_reads() -> None:
   sys.unraisablehook = on_unraisable
   if not isinstance(sys.stderr, ClosedLoopTracebackFilter):
     sys.stderr = ClosedLoopTracebackFilter(sys.stderr)
+
+
+def _unretrieved_task_exception(record: logging.LogRecord) -> bool:
+  """False (drop) for asyncio's report of a collected task whose exception was never read."""
+  return not record.getMessage().startswith("Task exception was never retrieved")
 
 
 class ClosedLoopTracebackFilter:
