@@ -39,8 +39,8 @@ from mhc_jax.lm import inference, pretrained, rewards as rewards_lib
 from mhc_jax.lm.files import write_atomically
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.sharding import MeshConfig, make_mesh
+from mhc_jax.lm.train import CONFIG, FINISHED, is_finished
 
-CONFIG, FINISHED = "config.json", "finished.json"
 TUNIX_CHECKPOINTS = "grpo_checkpoints"
 KL_ESTIMATORS = ("low_var_kl", "kl", "mse_kl")  # tunix's names; the first is DeepSeekMath's
 # What each line of metrics.jsonl holds (and TensorBoard plots), besides each reward function's
@@ -233,11 +233,6 @@ def _first_difference(have, wanted) -> str:
   return f"{have!r}, now {wanted!r}"
 
 
-def finished_step(workdir: pathlib.Path) -> int | None:
-  path = workdir / FINISHED
-  return json.loads(path.read_text())["step"] if path.exists() else None
-
-
 def post_train(workdir: str, init_from: str | None, grpo: GRPOConfig,
                optimizer: OptimizerConfig = OptimizerConfig(), mesh: MeshConfig = MeshConfig(),
                progress: bool = True, devices=None) -> list[dict]:
@@ -250,9 +245,9 @@ def post_train(workdir: str, init_from: str | None, grpo: GRPOConfig,
   preflight(fns, prompts[0])
   wanted = record(grpo, optimizer, mesh, start)
   resuming = check_resumable(workdir, wanted)
-  done = finished_step(workdir) if resuming else None
-  if done is not None and done >= grpo.steps:
-    print(f"mhc-grpo: {workdir} is finished ({done} steps); nothing to do", flush=True)
+  # mhc-train's marker and rule: finished.json and the policy's checkpoint of the last step.
+  if resuming and is_finished(workdir, grpo.steps):
+    print(f"mhc-grpo: {workdir} is finished ({grpo.steps} steps); nothing to do", flush=True)
     return []
   make_mesh(mesh, devices)  # a mesh that does not fit the devices: its one line, now
   loaded = inference.load(start.source.path, argument="--init_from")
