@@ -19,8 +19,8 @@ them at `Comparison.sweep_seeds` in `OUT/sweep/<variant>_lr<rate>[_m<mult>]_seed
 static maps and scales also at each of `Comparison.static_map_lr_multipliers`); its best point
 is the lowest mean final loss, and a best at an edge of the grid extends the grid by one log
 step there, up to `Comparison.max_extensions` times. The seeds then run at each variant's own
-best (`OUT/runs/`) and at prenorm's best rate (`OUT/runs_prenorm_best/`, where that differs),
-and the report shows both comparisons and the sweep's curves. Without it every run has the
+best (`OUT/runs/`) and at prenorm's best rate (`OUT/runs_prenorm_best/`, where that differs;
+a sweep seed's run at either is the sweep's, trained once), and the report shows both comparisons and the sweep's curves. Without it every run has the
 optimizer's rate.
 
 A finished run (`mhc_jax.lm.train.is_finished`) is reused; an unfinished one resumes where it
@@ -263,7 +263,7 @@ def train_plan(runs, progress: bool = True) -> None:
 
 def sweep_name(variant: str, rate: float, multiplier: float, seed: int) -> str:
   shown = "" if multiplier == 1.0 else f"_m{multiplier:g}"
-  return f"{variant}_lr{rate:g}{shown}_seed{seed}"
+  return f"{arms.arm_dirname(arms.parse_arm(variant))}_lr{rate:g}{shown}_seed{seed}"
 
 
 def sweep_optimizer(settings: Settings, rate: float, multiplier: float) -> OptimizerConfig:
@@ -322,12 +322,24 @@ def chosen_optimizer(settings: Settings, chosen: dict) -> OptimizerConfig:
 
 def arm_plans(settings: Settings, sweep: dict, out: pathlib.Path) -> tuple[Plan, Plan]:
   """The seeds' runs at each variant's own best (`OUT/runs/`) and at prenorm's best rate with
-  no multiplier (`OUT/runs_prenorm_best/`, or the own-best run where the two are one)."""
+  no multiplier (`OUT/runs_prenorm_best/`, or the own-best run where the two are one). A run
+  the sweep already trained (a sweep seed at one of its points: the same configs) is the
+  sweep's, not trained again."""
   own = {v: chosen_optimizer(settings, entry["chosen"]) for v, entry in sweep.items()}
   baseline_rate = sweep[report.BASELINE]["chosen"]["learning_rate"]
   at_baseline = {v: sweep_optimizer(settings, baseline_rate, 1.0) for v in sweep}
-  own_plan = seed_plan(settings, out / "runs", own)
-  baseline_plan = seed_plan(settings, out / "runs_prenorm_best", at_baseline)
+  swept = {(v, s, p["learning_rate"], p["static_map_lr_multiplier"]):
+           out / "sweep" / sweep_name(v, p["learning_rate"], p["static_map_lr_multiplier"], s)
+           for v, entry in sweep.items() for p in entry["points"]
+           for s, loss in p["final_eval_loss"]["per_seed"].items() if math.isfinite(loss)}
+
+  def plan_at(runs_dir: pathlib.Path, optimizers: dict) -> Plan:
+    return {(v, s): (swept.get((v, str(s), optimizers[v].learning_rate,
+                                optimizers[v].static_map_lr_multiplier), workdir), configs)
+            for (v, s), (workdir, configs) in seed_plan(settings, runs_dir, optimizers).items()}
+
+  own_plan = plan_at(out / "runs", own)
+  baseline_plan = plan_at(out / "runs_prenorm_best", at_baseline)
   return own_plan, {key: own_plan[key] if at_baseline[key[0]] == own[key[0]] else run
                     for key, run in baseline_plan.items()}
 

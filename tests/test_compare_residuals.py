@@ -180,7 +180,8 @@ def test_paired_difference_interval_is_students_t():
 @pytest.mark.parametrize("name", ["cpu", "gpu", "tpu_pod", "stability"])
 def test_presets_load(name):
   settings = compare_residuals.load_settings(name)
-  assert set(settings.comparison.variants) <= set(compare_residuals.RESIDUALS)
+  assert {compare_residuals.arms.parse_arm(v).variant for v in settings.comparison.variants} \
+      <= set(compare_residuals.RESIDUALS)
   if name == "stability":
     assert settings.model.num_layers >= 16 and settings.optimizer.learning_rate >= 1e-2
     assert {"hc", "mhc"} <= set(settings.comparison.variants)
@@ -190,8 +191,12 @@ def test_presets_load(name):
 
 def test_the_ablations_preset_is_the_cpu_comparison_with_its_arms():
   settings, cpu = (compare_residuals.load_settings(name) for name in ("ablations", "cpu"))
-  assert dataclasses.replace(settings.comparison, variants=cpu.comparison.variants) == \
-      cpu.comparison and settings.model == cpu.model and settings.loop == cpu.loop
+  # The cpu comparison's settings at one fixed rate: eleven arms' sweeps would not fit 90 min.
+  assert not settings.comparison.sweeps
+  assert dataclasses.replace(
+      settings.comparison, variants=cpu.comparison.variants,
+      learning_rates=cpu.comparison.learning_rates) == cpu.comparison
+  assert settings.model == cpu.model and settings.loop == cpu.loop
   models = {v: compare_residuals.variant_model(settings, v) for v in settings.comparison.variants}
   assert models["hc(dynamic=False)"].residual_settings.dynamic is False
   assert models["mhc(sinkhorn_iters=1)"].residual_settings.sinkhorn_iters == 1
@@ -199,13 +204,11 @@ def test_the_ablations_preset_is_the_cpu_comparison_with_its_arms():
   assert models["mhc(num_streams=2)"].num_streams == 2 and models["mhc"].num_streams == 4
 
 
-def test_cpu_presets_commented_sweep_loads():
-  text = compare_residuals.preset_path("cpu").read_text()
-  sweep = [line.removeprefix("# ") for line in text.splitlines()
-           if line.startswith("# Comparison.")]
-  comparison = compare_residuals.load_settings("cpu", sweep).comparison
-  assert len(sweep) == 4 and comparison.sweeps and comparison.max_extensions == 2
-  assert comparison.static_map_lr_multipliers == (1.0, 0.1)
+def test_the_cpu_preset_sweeps_every_arm_and_matches_mhcs_compute():
+  comparison = compare_residuals.load_settings("cpu").comparison
+  assert comparison.sweeps and len(comparison.learning_rates) >= 4
+  assert comparison.max_extensions == 2 and comparison.static_map_lr_multipliers == (1.0, 0.1)
+  assert {"prenorm@flops(mhc)", "prenorm@params(mhc)"} <= set(comparison.variants)
 
 
 def test_runs_differ_only_in_residual_and_seeds(preset):
@@ -362,12 +365,13 @@ def test_sweep_extends_the_grid_and_runs_the_seeds_at_the_chosen_rates(swept):
           "final_eval_loss"]}, "mean": read_metrics(workdir)[-1]["final_eval_loss"]}
   assert sorted(p.name for p in (swept / "sweep").glob("*_seed0")) == sorted(
       [f"prenorm_lr{r:g}_seed0" for r in SWEPT] + [f"hc_lr{r:g}_m0.1_seed0" for r in SWEPT])
-  # Own best in runs/; at prenorm's best hc runs again without its multiplier, prenorm is
+  # Seed 0 at its own best is the sweep's run, not trained again in runs/; at prenorm's best
+  # hc runs once more, without its multiplier (a point the sweep did not train); prenorm is
   # its own-best run.
-  assert sorted(p.name for p in (swept / "runs").glob("*_seed0")) == ["hc_seed0", "prenorm_seed0"]
+  assert not list((swept / "runs").glob("*"))
   assert [p.name for p in (swept / "runs_prenorm_best").glob("*_seed0")] == ["hc_seed0"]
-  optimizers = {d: json.loads((swept / d / "hc_seed0" / "run.json").read_text())["optimizer"]
-                for d in ("runs", "runs_prenorm_best")}
+  optimizers = {d: json.loads((swept / d / "run.json").read_text())["optimizer"]
+                for d in ("sweep/hc_lr0.01_m0.1_seed0", "runs_prenorm_best/hc_seed0")}
   assert [(o["learning_rate"], o["static_map_lr_multiplier"]) for o in optimizers.values()] == \
       [(1e-2, 0.1), (1e-2, 1.0)]
   arm = summary["prenorm_best"]

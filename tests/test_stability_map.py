@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 import types
@@ -248,3 +250,18 @@ def test_presets_log_every_step_and_state_their_thresholds(name):
                                                         ("prenorm", "hc", "mhc"))
     assert (g.confirm_seeds, g.confirm_depth, g.confirm_static_multiplier) == (10, 32, 0.1)
     assert [key.arm for key in settings.confirm_runs(3e-2)[::10]] == list(CONFIRM_ARMS)
+
+
+def test_the_sharp_maps_stages_load_and_only_the_last_confirms():
+  """The preset's three commands (one folder, each reusing the runs before it) load; the first
+  two train the map's depths without the confirm phase, the last is the whole preset."""
+  text = preset_path("stability_sharp").read_text()
+  commands = re.findall(r"^#   (python -m experiments\.stability_map .*?)(?:  #.*)?$",
+                        text.replace("\\\n#       ", ""), flags=re.M)
+  stages = [[arg for flag, arg in zip(args, args[1:]) if flag == "--gin_param"]
+            for args in map(shlex.split, commands)]
+  assert len(stages) == 3 and stages[-1] == []
+  grids = [load_settings("stability_sharp", params).grid for params in stages]
+  assert [(g.depths, g.confirm_seeds) for g in grids] == [((8, 16), 0), ((8, 16, 32), 0),
+                                                          ((8, 16, 32), 10)]
+  assert all(c.endswith("--out reports/sharp") or "--out reports/sharp " in c for c in commands)
