@@ -227,8 +227,8 @@ def validation_reference(data: DataConfig) -> dict:
   reference = Corpus(data).reference_losses()
   if reference is None:
     raise ValueError(f"DataConfig.source {data.source!r} gives no unigram reference (no "
-                     "validation split, or a prepared corpus), which the collapse rule needs: "
-                     "use an in-memory source with held-out documents")
+                     "validation split, or a corpus prepared without unigram counts), which "
+                     "the collapse rule needs: hold out documents, or prepare it again")
   return reference
 
 

@@ -1,7 +1,9 @@
 """mhc_jax.lm.prepare_data and the "arrayrecord:DIR" source: shards and metadata, round trips
 with the byte tokenizer and a BPE the tests train, the same batches as the in-memory path,
-sharding, resume, damage, re-runs, bad input, bounded memory, and a short training run."""
+sharding, resume, damage, re-runs, bad input, bounded memory, the train split's unigram
+counts and reference, and a short training run."""
 
+import collections
 import importlib.util
 import json
 import pathlib
@@ -69,6 +71,17 @@ def documents_of(out, split, eos_id):
   stream = np.concatenate(records(out, split))
   ends = np.flatnonzero(stream == eos_id)
   return np.split(stream[:ends[-1]], ends[:-1] + 1), stream
+
+
+def direct_train_counts(texts):
+  """The byte-tokenized train split's token counts `[258]`, by counting its documents here:
+  their bytes, plus one EOS each."""
+  originals = [(p.relative_to(texts).as_posix(), p.read_bytes())
+               for p in sorted(texts.glob("deep/*.txt"))]
+  train, _ = data.split_documents(originals, 0.1, seed=0)
+  tally = collections.Counter(b"".join(text for _, text in train))
+  tally[tokenizer.EOS] += len(train)
+  return np.array([tally[token] for token in range(258)], np.int64)
 
 
 def corpus(out, **config):
@@ -142,6 +155,29 @@ def test_a_copied_corpus_prepares_the_same(tmp_path, texts, prepared):
   assert metadata["splits"] == before["splits"]  # same shards, checksums included
 
 
+def test_train_unigram_counts_are_a_direct_count(prepared, texts):
+  entry = json.loads((prepared / "metadata.json").read_text())["splits"]["train"]
+  counts = np.load(prepared / "train/unigram_counts.npy")
+  expected = direct_train_counts(texts)
+  assert counts.dtype == np.int64
+  np.testing.assert_array_equal(counts, expected)
+  assert expected.sum() == entry["tokens"]
+  assert entry["unigram_counts"] == {
+      "file": "train/unigram_counts.npy", "total": entry["tokens"],
+      "sha256": arrayrecord.sha256_file(prepared / "train/unigram_counts.npy")}
+
+
+def test_unigram_counts_add_up_over_tasks(tmp_path, texts, bpe, monkeypatch):
+  monkeypatch.setattr(prepare_data, "MIN_PIECE_BYTES", 60_000)  # a few documents a task
+  monkeypatch.setattr(prepare_data, "COUNT_BATCH_TOKENS", 15_000)  # counted in batches
+  out = tmp_path / "out"
+  metadata, _ = prepare_data.prepare(str(out), [str(texts / "**/*.txt")], str(bpe))
+  assert len(metadata["splits"]["train"]["shards"]) > 5
+  tally = collections.Counter(np.concatenate(records(out, "train")).tolist())
+  np.testing.assert_array_equal(np.load(out / "train/unigram_counts.npy"),
+                                [tally[token] for token in range(metadata["vocab_size"])])
+
+
 def test_jsonl_pieces_hold_every_line_once(tmp_path):
   lines = [json.dumps({"text": f"line {i} " * (i % 7)}) for i in range(300)]
   (tmp_path / "x.jsonl").write_text("\n".join(lines) + "\n\n")
@@ -178,6 +214,28 @@ def test_batches_equal_the_in_memory_path(prepared, texts):
   for a, b in zip(streamed.validation_batches(3), in_memory.validation_batches(3)):
     np.testing.assert_array_equal(a["inputs"], b["inputs"])
   assert streamed.vocab_size == 258 and streamed.decode(streamed.encode("hé")) == "hé"
+
+
+def test_unigram_reference_of_the_validation_targets(prepared, texts, monkeypatch):
+  monkeypatch.setattr(data, "COUNT_TOKENS", 100)  # counted a few windows at a time
+  streamed = corpus(prepared)
+  counts = direct_train_counts(texts)
+  targets = streamed.validation_windows[:][:, 1:].reshape(-1)
+  assert len(targets) > 1000
+  expected = -np.mean(np.log((counts[targets] + 1) / (counts.sum() + len(counts))))
+  reference = streamed.reference_losses()
+  assert reference == {"unigram_loss": pytest.approx(expected, rel=1e-12)}
+  assert streamed.reference_losses() is reference  # counted once per corpus
+
+
+def test_a_corpus_prepared_without_counts_has_no_reference(tmp_path, prepared):
+  out = tmp_path / "old"
+  shutil.copytree(prepared, out)
+  metadata = json.loads((out / "metadata.json").read_text())
+  del metadata["splits"]["train"]["unigram_counts"]
+  (out / "metadata.json").write_text(json.dumps(metadata))
+  (out / "train/unigram_counts.npy").unlink()
+  assert corpus(out).reference_losses() is None
 
 
 def test_windows_spanning_records_and_documents(prepared):
@@ -281,6 +339,18 @@ def test_metadata_and_shard_disagree(damaged):
                                       f"metadata.json says")
 
 
+def test_tampered_or_missing_unigram_counts(damaged):
+  out, _ = damaged
+  path = out / "train/unigram_counts.npy"
+  counts = np.load(path)
+  counts[ord("e")] += 1
+  np.save(path, counts)
+  one_line_error(lambda: corpus(out), f"unigram counts {re.escape(str(path))} does not match "
+                                      f"its sha256 in metadata.json.*prepare the corpus again")
+  path.unlink()
+  one_line_error(lambda: corpus(out), f"unigram counts {re.escape(str(path))} is missing")
+
+
 def test_not_a_prepared_corpus(tmp_path):
   one_line_error(lambda: corpus(tmp_path), "holds no metadata.json")
 
@@ -307,9 +377,12 @@ def test_unfinished_preparation_starts_over(tmp_path, texts, prepared):
   out = tmp_path / "out"
   (out / "train").mkdir(parents=True)
   (out / "train/00007.arrayrecord").write_bytes(b"left by a killed run")
+  np.save(out / "train/unigram_counts.npy", np.ones(258, np.int64))  # a killed run's too
   (out / prepare_data.MARKER).write_text("{}")
   metadata, fresh = prepare_data.prepare(str(out), [str(texts / "**/*.txt")])
   assert fresh and not (out / "train/00007.arrayrecord").exists()
+  np.testing.assert_array_equal(np.load(out / "train/unigram_counts.npy"),
+                                direct_train_counts(texts))
   assert not (out / prepare_data.MARKER).exists()
   assert metadata["splits"] == json.loads((prepared / "metadata.json").read_text())["splits"]
 
@@ -371,6 +444,10 @@ def test_training_reads_the_prepared_corpus(tmp_path, texts, bpe):
   assert [row["step"] for row in history] == [1, 2]
   assert np.isfinite(history[-1]["eval_loss"])
   assert history[0]["train_loss"] < np.log(400) + 1
+  # The final row holds the unigram reference; a prepared corpus has no bigram one.
+  reference = corpus(out).reference_losses()
+  assert history[-1]["unigram_loss"] == reference["unigram_loss"]
+  assert "bigram_loss" not in history[-1] and "bigram_loss" not in reference
 
 
 def test_a_vocabulary_that_disagrees_is_one_line_before_compiling(tmp_path, texts, bpe):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import report
+from experiments.report.markdown import _reference_lines
 from experiments.report.numbers import Run, summarize
 
 REFERENCE = {"unigram_loss": 3.31, "bigram_loss": 2.47}
@@ -58,3 +59,15 @@ def test_eval_plot_draws_the_references(tmp_path, monkeypatch):
                             "eval_loss", "Validation loss", "nats", references=REFERENCE)
   assert [y for y, _ in drawn] == [3.31, 2.47]
   assert all("unigram" in label or "bigram" in label for _, label in drawn)
+
+
+def test_a_prepared_corpus_gives_the_unigram_reference_alone(tmp_path):
+  """A prepared corpus logs `unigram_loss` without `bigram_loss`: the collapse rule, the
+  figure and the report keep the unigram line."""
+  unigram_only = {"unigram_loss": 3.31}
+  summary = summarize(runs(unigram_only), {"seeds": [0, 1]})
+  assert {k: v for k, v in summary["reference"].items() if k != "what"} == unigram_only
+  assert _reference_lines(summary["reference"])[0].startswith(
+      "Reference on the same tokens: unigram 3.3100 nats / token")
+  report.figures.plot_all(tmp_path, runs(unigram_only), summary["reference"])
+  assert (tmp_path / "loss_eval.png").is_file()

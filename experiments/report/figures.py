@@ -237,7 +237,8 @@ def plot_stream_cosine(path: pathlib.Path, groups: dict[str, list[Run]]) -> None
 def plot_all(out: pathlib.Path, runs: list[Run], references: dict | None = None) -> None:
   """`references`: the summary's `reference` (unigram / bigram losses), or None."""
   groups = by_variant(runs)
-  references = {k: references[k] for k in REFERENCE_KEYS} if references else None
+  references = ({k: references[k] for k in REFERENCE_KEYS if k in references} if references
+                else None)
   plot_curve(out / "loss_train.png", groups, "train_loss", "Training loss (one batch a point)",
              "cross entropy (nats / byte)", zoom=True)
   plot_curve(out / "loss_eval.png", groups, "eval_loss",

@@ -98,9 +98,10 @@ def _reference_lines(reference: dict | None) -> list[str]:
   """What a model that learned nothing past token counts scores on the same tokens."""
   if reference is None:
     return []
-  return [f"Reference on the same tokens: unigram {reference['unigram_loss']:.4f}, bigram "
-          f"{reference['bigram_loss']:.4f} nats / token (counted on the train split, add-one "
-          "smoothing).", ""]
+  # A prepared corpus has no bigram reference (its pair counts would not scale).
+  bigram = f", bigram {reference['bigram_loss']:.4f}" if "bigram_loss" in reference else ""
+  return [f"Reference on the same tokens: unigram {reference['unigram_loss']:.4f}{bigram} "
+          "nats / token (counted on the train split, add-one smoothing).", ""]
 
 
 def _pairs_table(summary: dict) -> list[str]:

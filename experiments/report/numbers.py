@@ -73,7 +73,8 @@ def final_loss(run: Run) -> float:
 
 def reference(runs: list[Run]) -> dict | None:
   """The unigram / bigram losses of the validation tokens the runs logged at their last
-  step, one split for all of them; None when they logged none."""
+  step, one split for all of them (a prepared corpus logs no bigram: the unigram alone);
+  None when they logged no unigram."""
   found = {r: tuple(r.rows[-1].get(key) for key in REFERENCE_KEYS) for r in runs}
   first = found[runs[0]]
   for run, values in found.items():
@@ -81,11 +82,12 @@ def reference(runs: list[Run]) -> dict | None:
       raise ValueError(f"{run.variant} seed {run.seed}: its unigram / bigram reference "
                        f"{values} differs from {runs[0].variant} seed {runs[0].seed}'s "
                        f"{first}: the runs were scored on different validation splits")
-  if None in first:
+  if first[0] is None:
     return None
-  return {**dict(zip(REFERENCE_KEYS, first)),
+  return {**{key: value for key, value in zip(REFERENCE_KEYS, first) if value is not None},
           "what": "cross entropy of every target of the whole validation split under a "
-                  "unigram / bigram model counted on the train split, add-one smoothing"}
+                  "unigram (and, but for a prepared corpus, a bigram) model counted on the "
+                  "train split, add-one smoothing"}
 
 
 def has_streams(group: list[Run]) -> bool:

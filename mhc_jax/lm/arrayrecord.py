@@ -7,12 +7,15 @@
                          little-endian `dtype`; a split's records, shard after shard, are
                          its documents in order, each followed by EOS: one token stream
     DIR/SPLIT/index.npy  int64 `[num_records + 1]`: where each record starts in that stream
+    DIR/train/unigram_counts.npy  int64 `[vocab_size]`: how often each token occurs in the
+                         train split (the unigram reference; absent in corpora prepared
+                         before it was added)
 
 Documents are cut into records of at most `record_tokens` so that a window reads little
 more than its own tokens however long the documents are (a play is ~100k tokens).
-Opening checks what is cheap (each shard's size and record count, the index's checksum);
-a shard whose bytes were damaged in place fails when read, naming the file. The full
-sha256 of every shard is in the metadata for `sha256sum`-style checks.
+Opening checks what is cheap (each shard's size and record count, the index's and the
+counts' checksums); a shard whose bytes were damaged in place fails when read, naming the
+file. The full sha256 of every shard is in the metadata for `sha256sum`-style checks.
 """
 
 import hashlib
@@ -30,6 +33,7 @@ METADATA = "metadata.json"
 FORMAT = "mhc-jax-prepared-corpus/1"
 SPLITS = ("train", "validation")
 INDEX = "index.npy"
+UNIGRAM_COUNTS = "unigram_counts.npy"
 # One record per chunk: grain's ArrayRecordDataSource reads records at random only so.
 WRITER_OPTIONS = "group_size:1"
 # Batches read ahead in threads, so that reading overlaps the train step (the main thread
@@ -64,7 +68,8 @@ def read_metadata(directory: pathlib.Path) -> dict:
 
 class PreparedCorpus:
   """A prepared corpus opened for windows of `seq_len + 1` tokens: `tokenizer`, `train`
-  and `validation` (`TokenWindows`)."""
+  and `validation` (`TokenWindows`), `train_unigram_counts` (int64 `[vocab_size]`, or None
+  for a corpus prepared without them)."""
 
   def __init__(self, directory: str | pathlib.Path, seq_len: int):
     directory = pathlib.Path(directory).expanduser()
@@ -74,6 +79,8 @@ class PreparedCorpus:
     self.train, self.validation = (
         TokenWindows(directory, self.metadata["splits"][split], dtype, seq_len)
         for split in SPLITS)
+    self.train_unigram_counts = _load_counts(directory, self.metadata["splits"]["train"],
+                                             self.metadata["vocab_size"])
 
 
 class TokenWindows:
@@ -171,16 +178,38 @@ def _check_shard(path: pathlib.Path, shard: dict) -> None:
                      f"{shard['records']}")
 
 
+def _check_file(path: pathlib.Path, sha256: str, what: str) -> None:
+  """One-line errors naming `what` file is missing or not the one the metadata describes."""
+  if not path.is_file():
+    raise ValueError(f"{what} {path} is missing; prepare the corpus again")
+  if sha256_file(path) != sha256:
+    raise ValueError(f"{what} {path} does not match its sha256 in {METADATA}: damaged or "
+                     f"replaced; prepare the corpus again")
+
+
 def _load_index(path: pathlib.Path, split: dict, num_tokens: int,
                 num_records: int) -> np.ndarray:
   """int64 `[num_records + 1]` record starts, memory-mapped, checked against the metadata."""
-  if not path.is_file():
-    raise ValueError(f"index {path} is missing")
-  if sha256_file(path) != split["index"]["sha256"]:
-    raise ValueError(f"index {path} does not match its sha256 in {METADATA}")
+  _check_file(path, split["index"]["sha256"], "index")
   offsets = np.load(path, mmap_mode="r")
   if offsets.shape != (num_records + 1,) or offsets[0] != 0 or offsets[-1] != num_tokens:
     raise ValueError(f"index {path} does not fit {METADATA}: {offsets.shape[0] - 1} records "
                      f"of {int(offsets[-1])} tokens, its shards hold {num_records} records of "
                      f"{num_tokens} tokens")
   return offsets
+
+
+def _load_counts(directory: pathlib.Path, split: dict, vocab_size: int) -> np.ndarray | None:
+  """The split's int64 `[vocab_size]` token counts, checked against the metadata; None when
+  its preparation stored none."""
+  if "unigram_counts" not in split:
+    return None
+  entry = split["unigram_counts"]
+  path = directory / entry["file"]
+  _check_file(path, entry["sha256"], "unigram counts")
+  counts = np.load(path)
+  if counts.shape != (vocab_size,) or counts.sum() != entry["total"]:
+    raise ValueError(f"unigram counts {path} do not fit {METADATA}: shape {counts.shape}, "
+                     f"total {int(counts.sum())}; it says vocab_size {vocab_size}, total "
+                     f"{entry['total']}; prepare the corpus again")
+  return counts

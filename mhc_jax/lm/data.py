@@ -13,8 +13,9 @@ epoch, resumable through `get_state` / `set_state` or orbax's `grain.checkpoint`
 validation batches are the validation windows in order. Evaluation batches
 (`Corpus.eval_batches`) hold every validation window once, or a fixed subset spread over
 every held-out document, with weights that let the last batch be padded; `reference_losses`
-scores the same tokens under unigram / bigram counts of the train split. With `shard_count`
-processes, each takes its own contiguous rows of every global batch.
+scores the same tokens under unigram / bigram counts of the train split (a prepared corpus:
+unigram only, from the counts its preparation stored). With `shard_count` processes, each
+takes its own contiguous rows of every global batch.
 """
 
 import dataclasses
@@ -36,6 +37,9 @@ from mhc_jax.lm.shakespeare import SHAKESPEARE, shakespeare_files
 from mhc_jax.lm.tokenizer import EOS, ByteTokenizer, Tokenizer, encode
 
 ARRAYRECORD = "arrayrecord:"
+# Validation tokens read at a time when counting a prepared corpus's targets: its split may
+# be far larger than memory.
+COUNT_TOKENS = 1 << 20
 
 Document = tuple[str, bytes]
 Batch = dict[str, np.ndarray]
@@ -366,8 +370,6 @@ def reference_losses(train_stream: np.ndarray, validation_windows: np.ndarray,
   stream = np.asarray(train_stream, np.int64)
   contexts = np.asarray(validation_windows[:, :-1], np.int64).reshape(-1)
   targets = np.asarray(validation_windows[:, 1:], np.int64).reshape(-1)
-  unigram = np.bincount(stream, minlength=vocab_size)
-  unigram_logp = np.log((unigram[targets] + 1) / (len(stream) + vocab_size))
   # Pairs as codes a * V + b: sparse, so a large vocabulary needs no V x V table.
   codes, pair_counts = np.unique(stream[:-1] * vocab_size + stream[1:], return_counts=True)
   wanted = contexts * vocab_size + targets
@@ -375,8 +377,29 @@ def reference_losses(train_stream: np.ndarray, validation_windows: np.ndarray,
   pairs = np.where(codes[found] == wanted, pair_counts[found], 0)
   firsts = np.bincount(stream[:-1], minlength=vocab_size)[contexts]
   bigram_logp = np.log((pairs + 1) / (firsts + vocab_size))
-  return {"unigram_loss": float(-unigram_logp.mean()),
+  return {"unigram_loss": unigram_loss(np.bincount(stream, minlength=vocab_size),
+                                      np.bincount(targets, minlength=vocab_size)),
           "bigram_loss": float(-bigram_logp.mean())}
+
+
+def unigram_loss(train_counts: np.ndarray, target_counts: np.ndarray) -> float:
+  """The cross entropy (nats per token) of targets, int64 `target_counts` `[V]` of each token,
+  under a unigram model of the train counts `[V]` with add-one smoothing over the vocabulary:
+  `(c(b) + 1) / (N + V)`. Counts, not token arrays: a prepared corpus's splits do not fit in
+  memory."""
+  logp = np.log((train_counts + 1) / (train_counts.sum() + len(train_counts)))
+  return float(-(target_counts @ logp) / target_counts.sum())
+
+
+def target_counts(windows: Windows, seq_len: int, vocab_size: int) -> np.ndarray:
+  """int64 `[vocab_size]` counts of every window's targets (`window[1:]`), read
+  `COUNT_TOKENS` at a time."""
+  counts = np.zeros(vocab_size, np.int64)
+  step = max(1, COUNT_TOKENS // (seq_len + 1))
+  for start in range(0, len(windows), step):
+    targets = windows[start:start + step][:, 1:].reshape(-1)
+    counts += np.bincount(targets, minlength=vocab_size)
+  return counts
 
 
 # Corpus.
@@ -411,6 +434,7 @@ class Corpus:
       self.train_names = self.validation_names = None
       self.validation_spans = ()
       self.train_windows, self.validation_windows = prepared.train, prepared.validation
+      self._train_counts = prepared.train_unigram_counts
       self._read_threads, train_tokens = arrayrecord.READ_THREADS, prepared.train.num_tokens
     else:
       documents = load_documents(config.source)
@@ -422,6 +446,7 @@ class Corpus:
       self.validation_spans = document_spans(validation, config.seq_len)
       self.train_windows = _read_only(pack(train, config.seq_len))
       self.validation_windows = _read_only(pack(validation, config.seq_len))
+      self._train_counts = None  # counted from the windows, with the pairs, when asked
       self._read_threads, train_tokens = 0, num_tokens(train)
     if len(self.train_windows) == 0:
       raise ValueError(f"train split has {train_tokens} tokens, one sequence needs "
@@ -465,14 +490,21 @@ class Corpus:
 
   def reference_losses(self) -> dict[str, float] | None:
     """`reference_losses` of the validation windows with counts from the train split,
-    computed once; None for a prepared corpus (counting a pod-scale train split would take
-    longer than the run's evaluation) or without validation windows."""
-    if self.train_names is None or len(self.validation_windows) == 0:
+    computed once. A prepared corpus gives `unigram_loss` alone, from the counts of its
+    whole train split that `mhc-prepare-data` stored (counting at train time would take
+    longer than the run's evaluation, and pair counts do not scale to a pod's vocabulary and
+    corpus). None without validation windows, or for a corpus prepared without counts."""
+    prepared = self.train_names is None
+    if len(self.validation_windows) == 0 or (prepared and self._train_counts is None):
       return None
     if self._reference is None:
-      self._reference = reference_losses(np.asarray(self.train_windows).reshape(-1),
-                                         self.validation_windows, self.vocab_size)
+      self._reference = self._prepared_reference() if prepared else reference_losses(
+          np.asarray(self.train_windows).reshape(-1), self.validation_windows, self.vocab_size)
     return self._reference
+
+  def _prepared_reference(self) -> dict[str, float]:
+    counts = target_counts(self.validation_windows, self.config.seq_len, self.vocab_size)
+    return {"unigram_loss": unigram_loss(self._train_counts, counts)}
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

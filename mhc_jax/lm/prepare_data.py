@@ -18,11 +18,14 @@ the very batches the in-memory source gives.
 
 Two passes, each spread over `--workers` processes: the first lists the documents (the
 split needs every name), the second tokenizes pieces of input (a run of .txt files, a byte
-range of a .jsonl, a parquet row group) in name order, each into one shard per split.
-Shards and the index are written under temporary names and renamed when complete;
-`metadata.json` is written last. Run again on the same OUT: a complete preparation of the
-same inputs and options says "already prepared"; a preparation that did not finish (OUT
-holds `.preparing` and no metadata) is removed and started over; anything else is refused.
+range of a .jsonl, a parquet row group) in name order, each into one shard per split, and
+counts its train tokens (EOS included): their sum, `train/unigram_counts.npy`, gives the
+unigram reference loss (`Corpus.reference_losses`) without counting at train time.
+Shards, the index and the counts are written under temporary names and renamed when
+complete; `metadata.json` is written last. Run again on the same OUT: a complete preparation
+of the same inputs and options says "already prepared"; a preparation that did not finish
+(OUT holds `.preparing` and no metadata) is removed and started over, so its counts are
+always the whole split's; anything else is refused.
 """
 
 import argparse
@@ -55,6 +58,9 @@ RECORD_TOKENS = 4096
 MIN_PIECE_BYTES, MAX_PIECE_BYTES = 1 << 20, 8 << 20
 # Documents per call of a Hugging Face tokenizer (its threads share a batch).
 ENCODE_BATCH = 256
+# Train tokens counted at a time: one count per short document would be a pass over the
+# vocabulary each.
+COUNT_BATCH_TOKENS = 1 << 20
 
 
 class PrepareError(ValueError):
@@ -232,23 +238,52 @@ def _encoded(tok, docs: Iterator[tuple[str, str | bytes]]) -> Iterator[tuple[str
 
 def run_task(task: tuple[int, list[Piece], Options]) -> dict:
   """Writes `OUT/SPLIT/NNNNN.arrayrecord` for the task's documents of each split; -> per
-  split its shard (or None), documents, tokens and record lengths int64 `[num_records]`."""
+  split its shard (or None), documents, tokens and record lengths int64 `[num_records]`,
+  and for train the int64 `[vocab_size]` `unigram_counts` of its tokens."""
   number, pieces, options = task
   tok = _worker["tokenizer"]
   dtype = np.dtype(dtype_name(tok.vocab_size)).newbyteorder("<")
   shards = {split: _ShardWriter(pathlib.Path(options.out) / split / f"{number:05d}.arrayrecord")
             for split in arrayrecord.SPLITS}
+  train_counts = _TokenCounter(tok.vocab_size)
   try:
     docs = (doc for piece in pieces for doc in documents(piece, options.text_field))
     for name, ids in _encoded(tok, docs):
       held_out = split_key(name, options.seed) < options.threshold
       stream = np.append(ids, tok.eos_id).astype(dtype)
       shards[arrayrecord.SPLITS[held_out]].write_document(stream, options.record_tokens)
+      if not held_out:
+        train_counts.add(stream)
   except BaseException:
     for shard in shards.values():
       shard.abandon()
     raise
-  return {split: shard.finish() for split, shard in shards.items()}
+  results = {split: shard.finish() for split, shard in shards.items()}
+  results["train"]["unigram_counts"] = train_counts.total()
+  return results
+
+
+class _TokenCounter:
+  """int64 `[vocab_size]` counts of the tokens added, `COUNT_BATCH_TOKENS` at a time."""
+
+  def __init__(self, vocab_size: int):
+    self.counts = np.zeros(vocab_size, np.int64)
+    self.pending, self.pending_tokens = [], 0
+
+  def add(self, tokens: np.ndarray):
+    self.pending.append(tokens)
+    self.pending_tokens += len(tokens)
+    if self.pending_tokens >= COUNT_BATCH_TOKENS:
+      self._count_pending()
+
+  def total(self) -> np.ndarray:
+    self._count_pending()
+    return self.counts
+
+  def _count_pending(self):
+    if self.pending:
+      self.counts += np.bincount(np.concatenate(self.pending), minlength=len(self.counts))
+    self.pending, self.pending_tokens = [], 0
 
 
 class _ShardWriter:
@@ -392,8 +427,9 @@ def prepare(out: str, inputs: Sequence[str], tokenizer_spec: str = tokenizer.BYT
       if pool is None:
         _init_worker(tokenizer_spec, eos_token)
       work = tasks([piece for pieces, _ in scans for piece in pieces], options, piece_size)
-      results = _with_progress(map_(run_task, work), len(work), progress)
-      return _finish(out, tok, recipe, record_tokens, results), True
+      results, train_counts = _with_progress(map_(run_task, work), len(work), tok.vocab_size,
+                                             progress)
+      return _finish(out, tok, recipe, record_tokens, results, train_counts), True
   except BaseException:
     # Only what this call wrote: OUT held no other preparation (check_out).
     _remove_ours(out)
@@ -406,17 +442,22 @@ def _scan_task(args) -> tuple[list[Piece], np.ndarray]:
   return scan(*args)
 
 
-def _with_progress(results: Iterator[dict], total: int, show: bool) -> list[dict]:
-  """Collects task results, showing documents and tokens per second on stderr."""
+def _with_progress(results: Iterator[dict], total: int, vocab_size: int,
+                   show: bool) -> tuple[list[dict], np.ndarray]:
+  """Collects task results, showing documents and tokens per second on stderr; -> them and
+  the sum of their train `unigram_counts`, taken out of each as it comes (an array the size
+  of the vocabulary per task would not fit in memory for a large corpus)."""
   columns = (TextColumn("preparing"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
              TextColumn("{task.fields[docs]:,} docs {task.fields[tokens]:,} tokens  "
                         "{task.fields[docs_rate]:,.0f} docs/s {task.fields[tokens_rate]:,.0f} "
                         "tokens/s"), TimeElapsedColumn())
   collected, docs, tokens, start = [], 0, 0, time.perf_counter()
+  train_counts = np.zeros(vocab_size, np.int64)
   # Disabled, rich would still print an empty line.
   with Progress(*columns) if show else contextlib.nullcontext() as bar:
     task = bar and bar.add_task("", total=total, docs=0, tokens=0, docs_rate=0, tokens_rate=0)
     for result in results:
+      train_counts += result["train"].pop("unigram_counts")
       collected.append(result)
       docs += sum(r["documents"] for r in result.values())
       tokens += sum(int(r["lengths"].sum()) for r in result.values())
@@ -424,20 +465,19 @@ def _with_progress(results: Iterator[dict], total: int, show: bool) -> list[dict
       if bar:
         bar.update(task, advance=1, docs=docs, tokens=tokens, docs_rate=docs / elapsed,
                    tokens_rate=tokens / elapsed)
-  return collected
+  return collected, train_counts
 
 
-def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int,
-            results: list[dict]) -> dict:
-  """Index files, the tokenizer's copy, then metadata.json; -> the metadata."""
+def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int, results: list[dict],
+            train_counts: np.ndarray) -> dict:
+  """Index files, the train unigram counts, the tokenizer's copy, then metadata.json; -> the
+  metadata."""
   splits = {}
   for split in arrayrecord.SPLITS:
     parts = [result[split] for result in results]
     lengths = np.concatenate([np.zeros(1, np.int64)] + [p["lengths"] for p in parts])
     index = out / split / arrayrecord.INDEX
-    with open(index.with_name(f".{index.name}.tmp"), "wb") as file:
-      np.save(file, np.cumsum(lengths))
-    index.with_name(f".{index.name}.tmp").replace(index)
+    _save_array(index, np.cumsum(lengths))
     shards = [{"file": f"{split}/{number:05d}.arrayrecord", **p["shard"]}
               for number, p in enumerate(parts) if p["shard"]]
     splits[split] = {"documents": sum(p["documents"] for p in parts),
@@ -445,6 +485,11 @@ def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int,
                      "index": {"file": f"{split}/{arrayrecord.INDEX}",
                                "sha256": arrayrecord.sha256_file(index)},
                      "shards": shards}
+  counts = out / "train" / arrayrecord.UNIGRAM_COUNTS
+  _save_array(counts, train_counts)
+  splits["train"]["unigram_counts"] = {"file": f"train/{arrayrecord.UNIGRAM_COUNTS}",
+                                       "sha256": arrayrecord.sha256_file(counts),
+                                       "total": int(train_counts.sum())}
   documents = sum(s["documents"] for s in splits.values())
   if sum(s["tokens"] for s in splits.values()) == documents:
     raise PrepareError(f"input {', '.join(recipe['inputs'])} holds no tokens: {documents} "
@@ -462,6 +507,14 @@ def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int,
   write_atomically(out / arrayrecord.METADATA, json.dumps(metadata, indent=1).encode())
   (out / MARKER).unlink()
   return metadata
+
+
+def _save_array(path: pathlib.Path, array: np.ndarray):
+  """`np.save` under a temporary name, renamed when complete."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  with open(tmp, "wb") as file:
+    np.save(file, array)
+  tmp.replace(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
