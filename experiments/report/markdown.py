@@ -172,8 +172,8 @@ def _prenorm_best_lines(summary: dict) -> list[str]:
   table = {"settings": summary["settings"], "variants": arm["variants"]}
   return [f"## All at {BASELINE}'s best rate", "",
           f"Every variant at learning rate {arm['learning_rate']:g}, {BASELINE}'s best, with no "
-          "static-map multiplier (runs in `runs_prenorm_best/`, or `runs/` where that is the "
-          "variant's own best); columns as above.", "",
+          "static-map multiplier (runs in `runs_prenorm_best/`, or the own-best run where the "
+          "two are one, or the sweep's for a sweep seed); columns as above.", "",
           *_table(table), "", *_pairs_table(table), ""]
 
 
