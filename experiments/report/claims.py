@@ -57,10 +57,15 @@ def _read(results: pathlib.Path, folder: str) -> dict:
   return json.loads(path.read_text())
 
 
+def _side(mean: float, half: float) -> int:
+  """+1 / -1 where the interval `mean ± half` lies wholly above / below 0, else 0."""
+  return 1 if mean - half > 0 else -1 if mean + half < 0 else 0
+
+
 def _difference_verdict(mean: float, half: float, detectable: float, expected: int) -> str:
-  low, high = mean - half, mean + half
-  if low > 0 or high < 0:
-    return REPRODUCES if (1 if low > 0 else -1) == expected else CONTRADICTED
+  side = _side(mean, half)
+  if side:
+    return REPRODUCES if side == expected else CONTRADICTED
   return f"{NOT_DETECTABLE} (detects {detectable:.3f})"
 
 
@@ -122,7 +127,7 @@ class Match:
     here = f"{_interval(mean, half)} nats; TOST at ±{tost['margin']:g}: p {tost['p']:.2f}"
     if tost["p"] < ALPHA:
       return here, REPRODUCES
-    if mean - half > 0 or mean + half < 0:
+    if _side(mean, half):
       return here, CONTRADICTED
     return here, f"{NOT_DETECTABLE} (detects {entry['detectable']:.3f})"
 

@@ -31,6 +31,7 @@ always the whole split's; anything else is refused.
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
@@ -510,11 +511,10 @@ def _finish(out: pathlib.Path, tok, recipe: dict, record_tokens: int, results: l
 
 
 def _save_array(path: pathlib.Path, array: np.ndarray):
-  """`np.save` under a temporary name, renamed when complete."""
-  tmp = path.with_name(f".{path.name}.tmp")
-  with open(tmp, "wb") as file:
-    np.save(file, array)
-  tmp.replace(path)
+  """`array` as a .npy file, written atomically."""
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  write_atomically(path, buffer.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
