@@ -111,21 +111,26 @@ def train_or_reuse(runs: list[tuple[pathlib.Path, dict, dict]], prog: str,
                    progress: bool) -> None:
   """Trains (or resumes, or reuses) every run, one after another: (its workdir, `train`'s
   keyword arguments, what its workdir records: the configs and whatever else it depends on).
-  `prog` names the experiment in the line a lost process prints. `Stopped` when a run was
-  stopped before its end: the runs after it are not started."""
-  for i, (workdir, configs, record) in enumerate(runs, 1):
-    check_run_config(workdir, record)
-    finished = train_lib.is_finished(workdir, configs["loop"].steps)
-    if jax.process_index() == 0:
-      print(f"[{i}/{len(runs)}] {workdir.name}: "
-            + ("finished, reused" if finished else "training"), flush=True)
-    if not finished:
-      with distributed.exit_if_peer_lost(workdir, f"{prog}: {workdir.name}"):
-        train_lib.train(str(workdir), **configs, devices=devices_for(configs["mesh"]),
-                        progress=progress)
-      if ended_early(workdir, configs["loop"].steps):
-        raise Stopped(f"{prog}: stopped in {workdir.name} (its checkpoint is saved); run the "
-                      "same command to resume")
+  `prog` names the experiment in the line a lost process prints. `Stopped` when a run stopped
+  before its end, or a signal came when no step was left to take it (during a run's last
+  step, or while a finished run was checked): no later run starts."""
+  with train_lib.StopRequests() as stop:
+    for i, (workdir, configs, record) in enumerate(runs, 1):
+      check_run_config(workdir, record)
+      finished = train_lib.is_finished(workdir, configs["loop"].steps)
+      if jax.process_index() == 0:
+        print(f"[{i}/{len(runs)}] {workdir.name}: "
+              + ("finished, reused" if finished else "training"), flush=True)
+      if not finished:
+        with distributed.exit_if_peer_lost(workdir, f"{prog}: {workdir.name}"):
+          train_lib.train(str(workdir), **configs, devices=devices_for(configs["mesh"]),
+                          progress=progress)
+        if ended_early(workdir, configs["loop"].steps):
+          raise Stopped(f"{prog}: stopped in {workdir.name} (its checkpoint is saved); run the "
+                        "same command to resume")
+      if stop.signal_name is not None:
+        raise Stopped(f"{prog}: {stop.signal_name} received; {workdir.name} is finished and no "
+                      "later run started; run the same command to go on")
 
 
 def final_params(trainer: Trainer, workdir: pathlib.Path, step: int):

@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ import scipy.special
 from flax import nnx
 
 from experiments.runs import final_params
+from mhc_jax.lm import checkpoint
 from mhc_jax.lm.data import Corpus, DataConfig
 from mhc_jax.lm.metrics import read_metrics
 from mhc_jax.lm.residuals import RESIDUALS
@@ -172,6 +174,32 @@ def test_finished_means_the_marker_and_a_checkpoint_of_the_last_step(tmp_path, c
   assert is_finished(tmp_path, 2)
   shutil.rmtree(tmp_path / "checkpoints" / "2")  # without it, the run redoes its last step
   assert not is_finished(tmp_path, 2)
+
+
+def sigterm_during_the_save_of(step: int, monkeypatch) -> None:
+  """Sends this process a SIGTERM while step `step`'s checkpoint is being saved: after the
+  loop has read its stop flag for that step, as a signal landing during a step does."""
+  save = checkpoint.save
+
+  def signalling_save(manager, at, *args):
+    if at == step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return save(manager, at, *args)
+
+  monkeypatch.setattr(checkpoint, "save", signalling_save)
+
+
+def test_a_signal_during_the_last_step_leaves_the_run_finished(tmp_path, corpus, monkeypatch,
+                                                               capsys):
+  """The last step is saved whatever comes: a SIGTERM then has nothing left to stop, so the
+  run is marked finished (not left for the next start to redo) and says nothing of resuming;
+  SIGTERM's own handler is back afterwards."""
+  before = signal.getsignal(signal.SIGTERM)
+  sigterm_during_the_save_of(3, monkeypatch)
+  assert [row["step"] for row in run(tmp_path, corpus, steps=3)] == [1, 2, 3]
+  assert is_finished(tmp_path, 3)
+  assert "received" not in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGTERM) is before
 
 
 def direct_loss(model, windows):

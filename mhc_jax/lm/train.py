@@ -91,17 +91,25 @@ class NonFiniteError(RuntimeError):
   """A step produced a NaN or Inf and the policy is to stop."""
 
 
-class _StopRequests:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps (main thread only)."""
+class StopRequests:
+  """Turns SIGTERM / SIGINT into a flag (`signal_name`) checked between steps (main thread
+  only). Nested ones share the outermost's flag: an experiment that trains runs one after
+  another holds one across them, so a signal between two runs, or during a run's start-up,
+  is seen rather than killing the process without a word."""
+
+  _outermost = None
 
   def __init__(self):
     self.signal_name = None
     self._previous = {}
 
   def __enter__(self):
+    if StopRequests._outermost is not None:
+      return StopRequests._outermost
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
+      StopRequests._outermost = self
     return self
 
   def _handle(self, signum, frame):
@@ -109,8 +117,10 @@ class _StopRequests:
     self.signal_name = signal.Signals(signum).name
 
   def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
+    if StopRequests._outermost is self:
+      StopRequests._outermost = None
+      for sig, handler in self._previous.items():
+        signal.signal(sig, handler)
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
@@ -241,7 +251,7 @@ def train(workdir: str,
   reported = int(jax.device_get(state["guard"]["skipped"]))
   last = loop.steps if loop.stop_after_step is None else min(loop.stop_after_step, loop.steps)
 
-  with _StopRequests() as stop:
+  with StopRequests() as stop:
     for step in range(start + 1, last + 1):
       diagnostics = loop.diagnostics_every and step % loop.diagnostics_every == 0
       state, metrics = trainer.train_step(state, trainer.global_batch(next(train_iter)),
@@ -287,7 +297,7 @@ def train(workdir: str,
     bar.close()
   if writer:
     writer.close()
-  if stop.signal_name is not None:
+  if stop.signal_name is not None and last_saved < loop.steps:
     if lead:
       print(f"mhc-train: {stop.signal_name} received; saved the checkpoint of step {last_saved} "
             f"in {workdir / 'checkpoints'}; run the same command to resume", file=sys.stderr,
@@ -296,7 +306,7 @@ def train(workdir: str,
   if lead:
     if last == loop.steps:  # the marker `is_finished` reads, also when resumed at the end
       write_atomically(workdir / FINISHED, json.dumps(history[-1] if history else {"step": start}))
-    if loop.sample_tokens and last == loop.steps:
+    if loop.sample_tokens and last == loop.steps and stop.signal_name is None:
       model_ = nnx.merge(trainer.graphdef, jax.device_get(state["params"]))
       text = sample_text(model_, loop.sample_prompt, num_tokens=loop.sample_tokens,
                          context=data.seq_len, encode=corpus.encode, decode=corpus.decode)
