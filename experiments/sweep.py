@@ -127,24 +127,30 @@ def run_multihost(runs: list[Run], out: pathlib.Path, args) -> None:
   import jax
   distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   lead = jax.process_index() == 0
-  for i, run in enumerate(runs, 1):
-    workdir = out / run.name
-    if is_finished(run, workdir):  # the same answer on every host: shared storage
-      continue
-    if lead:
-      print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
-    configs, bindings = run_configs(run)  # what run_local's subprocesses get
-    with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
-      train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
-    stop_if_ended_early(run, workdir)
+  with train_lib.StopRequests() as stop:  # one across the runs: see stop_if_ended_early
+    for i, run in enumerate(runs, 1):
+      workdir = out / run.name
+      if is_finished(run, workdir):  # the same answer on every host: shared storage
+        continue
+      if lead:
+        print(f"[{i}/{len(runs)}] {run.name} on {jax.process_count()} processes", flush=True)
+      configs, bindings = run_configs(run)  # what run_local's subprocesses get
+      with distributed.exit_if_peer_lost(workdir, f"sweep: run {run.name}"):
+        train_lib.train(str(workdir), **configs, progress=lead, record=bindings)
+      stop_if_ended_early(run, workdir, stop.signal_name)
 
 
-def stop_if_ended_early(run: Run, workdir: pathlib.Path) -> None:
+def stop_if_ended_early(run: Run, workdir: pathlib.Path, signal_name: str | None = None) -> None:
   """A run stopped early (a signal, `LoopConfig.stop_after_step`; with its checkpoint) stops
-  the sweep, not just the run: one line and exit 0, as mhc-train's own stop."""
+  the sweep, not just the run: one line and exit 0, as mhc-train's own stop. So does a
+  signal (`signal_name`) that came during its last step, when no step was left to take it."""
   if ended_early(workdir, run_configs(run)[0]["loop"].steps):
     print(f"sweep: stopped in {run.name} (its checkpoint is saved); rerun the sweep to resume "
           "it", file=sys.stderr, flush=True)
+    raise SystemExit(0)
+  if signal_name is not None:
+    print(f"sweep: {signal_name} received; {run.name} is finished and no later run started; "
+          "rerun the sweep to go on", file=sys.stderr, flush=True)
     raise SystemExit(0)
 
 

@@ -4,6 +4,7 @@ training one run together through jax.distributed (checkpoint, resume) on CPU.""
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -170,3 +171,26 @@ def test_a_multihost_run_composes_its_presets_as_mhc_train_does(monkeypatch, tmp
   (configs,) = trained
   assert (configs["model"].residual, configs["model"].d_model, configs["loop"].steps) == (
       "mhc", 128, 600)  # shakespeare_tiny.gin's model and run, with mHC
+
+
+def test_a_signal_during_a_multihost_runs_last_step_stops_the_sweep(monkeypatch, tmp_path,
+                                                                     capsys):
+  # The run takes the signal after its last step's stop check (the fake sends it as it
+  # returns, finished): the sweep must not start the next run.
+  trained = []
+
+  def finishing_as_a_signal_comes(workdir, **kw):
+    trained.append(pathlib.Path(workdir).name)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(sweep.distributed, "initialize", lambda *args: None)
+  monkeypatch.setattr(sweep.train_lib, "train", finishing_as_a_signal_comes)
+  monkeypatch.setattr(sweep, "ended_early", lambda *args: False)
+  runs = [sweep.Run(name, ("residual/mhc.gin",), ()) for name in ("first", "second")]
+  args = type("Args", (), {"coordinator": None, "num_processes": None, "process_id": None})
+  with pytest.raises(SystemExit) as stopped:
+    sweep.run_multihost(runs, tmp_path, args)
+  assert stopped.value.code == 0 and trained == ["first"]
+  assert capsys.readouterr().err.splitlines() == [
+      "sweep: SIGTERM received; first is finished and no later run started; rerun the sweep "
+      "to go on"]
