@@ -19,6 +19,7 @@ import pytest
 from experiments import word_problems
 from mhc_jax.lm import cli, grpo, grpo_cli, pretrained
 from mhc_jax.lm.data import DataConfig
+from mhc_jax.lm.metrics import METRICS_FILE
 from mhc_jax.lm.model import ModelConfig
 from mhc_jax.lm.optimizer import OptimizerConfig
 from mhc_jax.lm.residuals import with_residual
@@ -257,7 +258,8 @@ def test_tunix_killed_run_resumes_with_the_rewards_of_the_uninterrupted_one(tmp_
   assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
   process = run_command(cli_args(killed, init_from, prompts, *bindings))
   deadline = time.monotonic() + 600
-  while len(rows_of(killed)) < 5 if killed.exists() else True:  # past step 3's checkpoint
+  # Past step 3's checkpoint; the workdir exists a moment before its metrics file does.
+  while len(rows_of(killed)) < 5 if (killed / METRICS_FILE).exists() else True:
     assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
     time.sleep(0.2)
   process.send_signal(signal.SIGKILL)
