@@ -191,7 +191,7 @@ def test_presets_load(name):
 
 def test_the_ablations_preset_is_the_cpu_comparison_with_its_arms():
   settings, cpu = (compare_residuals.load_settings(name) for name in ("ablations", "cpu"))
-  # The cpu comparison's settings at one fixed rate: eleven arms' sweeps would not fit 90 min.
+  # The cpu comparison's settings at one fixed rate: ten arms' sweeps would not fit 90 min.
   assert not settings.comparison.sweeps
   assert dataclasses.replace(
       settings.comparison, variants=cpu.comparison.variants,

@@ -190,6 +190,7 @@ HC_GAIN = "HC lowers the loss against pre-norm (HC paper, OLMo-1B at n = 4: −0
 MHC_GAIN = "mHC lowers the loss against pre-norm (mHC paper, 27B: −0.021)"
 CPU = "8 blocks, each at its own best rate (`cpu`)"
 CPU_AT_PRENORMS = "8 blocks, all at pre-norm's best rate (`cpu`)"
+ABLATIONS = "8 blocks, all at lr 1e-2 (`ablations`)"
 
 CLAIMS = (
     Claim(HC_GAIN, CPU, Difference("cpu", "hc", "prenorm", -1)),
@@ -221,6 +222,17 @@ CLAIMS = (
     Claim("HC's training fails where mHC's does not (mHC paper: loss and gradient spikes)",
           "4-16 blocks × lr 1e-2-1e-1, 2 seeds (`stability_map`)",
           Failures("stability_map", "hc", "mhc")),
+    Claim("Dynamic HC beats static HC (HC paper, OLMo-1B at n = 4: 2.781 against 2.791, "
+          "−0.010)", ABLATIONS, Difference("ablations", "hc", "hc(dynamic=False)", -1)),
+    Claim("Static HC lowers the loss against pre-norm (HC paper: 2.791 against 2.811, −0.020)",
+          ABLATIONS, Difference("ablations", "hc(dynamic=False)", "prenorm", -1)),
+    Claim("HC with 4 streams beats 2 (HC paper: 2.781 against 2.802, −0.021)", ABLATIONS,
+          Difference("ablations", "hc", "hc(num_streams=2)", -1)),
+    Claim("KromHC is as good as mHC, with exact doubly stochastic H_res (KromHC paper)",
+          ABLATIONS, Match("ablations", "kromhc", "mhc")),
+    Claim("Frac-connections lower the loss against pre-norm at pre-norm's memory (Frac paper)",
+          "one stream of four fractions, " + ABLATIONS,
+          Difference("ablations", "frac(num_streams=1)", "prenorm", -1)),
     Claim("A supervised fine-tune lowers GSM8K accuracy (blog, Qwen3-0.6B: −0.049)",
           "pre-norm fine-tune − pretrained (`retrofit_grpo`)",
           RetrofitDifference("retrofit_grpo", "prenorm", "pretrained", -1)),

@@ -208,11 +208,12 @@ def off_diagonal_mean(matrices: np.ndarray) -> np.ndarray:
 
 def plot_stream_cosine(path: pathlib.Path, groups: dict[str, list[Run]]) -> None:
   """Left: mean similarity between distinct streams per block. Then the last block's
-  `[n, n]` per variant."""
-  streams = _stream_groups(groups)
-  if not streams:
+  `[n, n]` per variant. A variant of one stream (Frac-connections' fractions of it) has no
+  pair to compare and is left out."""
+  matrices = {v: np.stack([r.stream_cosine for r in g])
+              for v, g in _stream_groups(groups).items() if g[0].stream_cosine.shape[-1] > 1}
+  if not matrices:
     return _no_streams(path, "Cosine similarity between streams")
-  matrices = {v: np.stack([r.stream_cosine for r in g]) for v, g in streams.items()}
   fig, axes = plt.subplots(1, 1 + len(matrices), figsize=(4.5 + 3.2 * len(matrices), 3.6),
                            squeeze=False, layout="constrained")
   axes = axes[0]

@@ -195,8 +195,8 @@ def markdown(summary: dict) -> str:
       f"# Residual variants compared (preset `{s['preset']}`)",
       "",
       f"{len(s['variants'])} variants × {len(s['seeds'])} seeds; {loop['steps']} steps of "
-      f"{data['batch_size']} × {data['seq_len']} tokens each; n = {s['num_streams']} streams "
-      "for hc / mhc / mhc_lite.",
+      f"{data['batch_size']} × {data['seq_len']} tokens each; the stream variants have "
+      f"n = {s['num_streams']} streams where an arm does not set its own (`hc(num_streams=2)`).",
       "",
       "## Final validation loss",
       "",
