@@ -81,6 +81,19 @@ def test_failures_by_fishers_exact_test(tmp_path, failed, verdict, p):
   assert here == f"failed runs: hc {failed['hc']}/10, mhc {failed['mhc']}/10; Fisher p {p}"
 
 
+def test_failures_can_read_the_confirm_phase(tmp_path):
+  confirm = {"learning_rate": 0.03, **map_runs({"hc": 8, "mhc": 0}, 10, {"hc": 1, "mhc": 1})}
+  write(tmp_path, "map", {**map_runs({"hc": 0, "mhc": 0}, 3, {"hc": 1, "mhc": 1}),
+                          "confirm": confirm})
+  assert Failures("map", "hc", "mhc").measure(tmp_path)[1] == NOT_DETECTABLE  # the map's 0/3
+  assert Failures("map", "hc", "mhc", confirm=True).measure(tmp_path) == (
+      "lr 0.03, failed runs: hc 8/10, mhc 0/10; Fisher p 0.00071", REPRODUCES)
+  write(tmp_path, "map", {**map_runs({"hc": 0, "mhc": 0}, 3, {"hc": 1, "mhc": 1}),
+                          "confirm": {"learning_rate": None}})
+  assert Failures("map", "hc", "mhc", confirm=True).measure(tmp_path) == (
+      "hc failed nowhere in the map: no confirm phase", NOT_DETECTABLE)
+
+
 @pytest.mark.parametrize("peaks, verdict", [
     ({"hc": 4.5e22, "mhc": 3.7}, REPRODUCES),
     ({"hc": 50.0, "mhc": 3.7}, NOT_DETECTABLE),  # HC's does not pass 100

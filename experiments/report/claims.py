@@ -134,17 +134,25 @@ class Match:
 
 @dataclasses.dataclass(frozen=True)
 class Failures:
-  """Failed runs of `fails` against `trains` over every cell of a stability map (`folder`)."""
+  """Failed runs of `fails` against `trains` over every cell of a stability map (`folder`), or
+  in its confirm phase (`confirm`: one depth and rate, more seeds)."""
   folder: str
   fails: str
   trains: str
+  confirm: bool = False
 
   def measure(self, results: pathlib.Path) -> tuple[str, str]:
-    runs = _read(results, self.folder)["runs"]
+    summary = _read(results, self.folder)
+    if not self.confirm:
+      runs, at = summary["runs"], ""
+    elif summary["confirm"]["learning_rate"] is None:
+      return "hc failed nowhere in the map: no confirm phase", NOT_DETECTABLE
+    else:
+      runs, at = summary["confirm"]["runs"], f"lr {summary['confirm']['learning_rate']:g}, "
     counts = {arm: (sum(r["failed"] for r in runs if r["arm"] == arm),
                     sum(r["arm"] == arm for r in runs)) for arm in (self.fails, self.trains)}
     test = fisher_exact(*counts[self.fails], *counts[self.trains])
-    here = (f"failed runs: {self.fails} {'/'.join(map(str, counts[self.fails]))}, "
+    here = (f"{at}failed runs: {self.fails} {'/'.join(map(str, counts[self.fails]))}, "
             f"{self.trains} {'/'.join(map(str, counts[self.trains]))}; Fisher p {test['p']:.2g}")
     rate = {arm: failed / total for arm, (failed, total) in counts.items()}
     if test["p"] >= ALPHA:
@@ -191,6 +199,9 @@ MHC_GAIN = "mHC lowers the loss against pre-norm (mHC paper, 27B: −0.021)"
 CPU = "8 blocks, each at its own best rate (`cpu`)"
 CPU_AT_PRENORMS = "8 blocks, all at pre-norm's best rate (`cpu`)"
 ABLATIONS = "8 blocks, all at lr 1e-2 (`ablations`)"
+SHARP = "8-32 blocks × lr 3e-3-3e-2, 3 seeds (`stability_sharp`)"
+SHARP_CONFIRM = ("32 blocks, 10 seeds, at the lowest rate where an HC seed failed in the map "
+                 "(`stability_sharp`)")
 
 CLAIMS = (
     Claim(HC_GAIN, CPU, Difference("cpu", "hc", "prenorm", -1)),
@@ -222,6 +233,16 @@ CLAIMS = (
     Claim("HC's training fails where mHC's does not (mHC paper: loss and gradient spikes)",
           "4-16 blocks × lr 1e-2-1e-1, 2 seeds (`stability_map`)",
           Failures("stability_map", "hc", "mhc")),
+    Claim("HC's composite gain explodes with depth, mHC's stays near 1", SHARP,
+          Gains("stability_sharp", "hc", "mhc")),
+    Claim("HC's training fails where mHC's does not", SHARP_CONFIRM,
+          Failures("stability_sharp", "hc", "mhc", confirm=True)),
+    Claim("HC's training fails where pre-norm's does not", SHARP_CONFIRM,
+          Failures("stability_sharp", "hc", "prenorm", confirm=True)),
+    Claim("HC's failures come from its static maps' and scales' rate (issue 26: they are raw "
+          "parameters Adam moves by about the rate each step)",
+          "HC against HC with them at 0.1× the rate, " + SHARP_CONFIRM,
+          Failures("stability_sharp", "hc", "hc_static0.1x", confirm=True)),
     Claim("Dynamic HC beats static HC (HC paper, OLMo-1B at n = 4: 2.781 against 2.791, "
           "−0.010)", ABLATIONS, Difference("ablations", "hc", "hc(dynamic=False)", -1)),
     Claim("Static HC lowers the loss against pre-norm (HC paper: 2.791 against 2.811, −0.020)",
