@@ -32,6 +32,9 @@ Written to OUT:
   stability_map.png  one panel per variant, learning rate (log) x depth; each cell coloured by
                      its final eval loss (mean over seeds) on one scale for all panels, or
                      hatched grey with an x where a seed failed
+  gain_by_depth.png  one panel per stream variant: the worst seed's peak composite backward
+                     gain (log) against depth, a line per learning rate (the cells' numbers);
+                     an x at the top where it was not finite
   summary.json       the settings, the unigram / bigram reference, every run (final losses,
                      skipped updates, surges, gains, why it failed), every cell, and the confirm
                      phase's arms and tests
@@ -57,6 +60,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
 
 from experiments.report import significance, thresholds  # noqa: E402
 from experiments.report.numbers import series  # noqa: E402
@@ -73,6 +77,7 @@ from mhc_jax.lm.sharding import MeshConfig  # noqa: E402
 from mhc_jax.lm.train import LoopConfig  # noqa: E402
 
 FIGURE = "stability_map.png"
+GAIN_FIGURE = "gain_by_depth.png"
 DPI = 110
 GAIN = "composite_backward_gain/max"  # the largest over sub-layers, as the train step logs it
 # The confirm phase's arms besides the static-rate one, and the arms every arm is tested against.
@@ -357,6 +362,44 @@ def plot_map(path: pathlib.Path, settings: Settings, cell_list: list[dict]) -> N
   plt.close(fig)
 
 
+def plot_gains(path: pathlib.Path, settings: Settings, cell_list: list[dict]) -> None:
+  """Per stream variant, the worst seed's peak composite backward gain against depth, a line
+  per learning rate: whether a variant's H_res product grows with depth."""
+  g = settings.grid
+  variants = [v for v in g.variants
+              if any(c["composite_backward_gain"] for c in cell_list if c["variant"] == v)]
+  # Each panel its own scale: HC's gains may be 1e20 times mHC's.
+  fig, axes = plt.subplots(1, len(variants), figsize=(3.8 * len(variants), 3.4),
+                           squeeze=False)
+  colours = plt.get_cmap("plasma")(np.linspace(0.1, 0.8, len(g.learning_rates)))
+  for ax, variant in zip(axes[0], variants):
+    for lr, colour in zip(g.learning_rates, colours):
+      peaks = [next(c["composite_backward_gain"]["peak"] for c in cell_list
+                    if (c["variant"], c["depth"], c["learning_rate"]) == (variant, d, lr))
+               for d in g.depths]
+      ax.plot(g.depths, peaks, "o-", color=colour, label=f"lr {lr:g}")
+      # A non-finite peak (a run that blew up) leaves the log axis: an x at its top instead.
+      blown = [d for d, peak in zip(g.depths, peaks) if not math.isfinite(peak)]
+      ax.plot(blown, [0.96] * len(blown), "x", color=colour, markersize=9,
+              transform=ax.get_xaxis_transform())
+    ax.axhline(1.0, color="0.5", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(g.depths, [str(d) for d in g.depths])
+    ax.xaxis.set_minor_locator(NullLocator())
+    for axis in ("major", "minor"):  # plain numbers; minor ones labelled where mHC spans < 10x
+      ax.yaxis.set_tick_params(which=axis, labelsize=8)
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    ax.set_title(variant, color=RESIDUALS[variant].color)
+    ax.set_xlabel("depth (blocks)")
+  if variants:
+    axes[0][0].set_ylabel("peak composite backward gain\n(worst seed)")
+    axes[0][0].legend(fontsize=8)
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  plt.close(fig)
+
+
 def settings_summary(settings: Settings, preset: str) -> dict:
   """The settings every run shares, JSON-ready (what a run sets is left out)."""
   configs = configs_json(run_configs(settings, *settings.runs()[0]))
@@ -398,7 +441,8 @@ def markdown(summary: dict, settings: Settings) -> str:
             "The largest over sub-layers of the composite backward gain of the H_res product, "
             "logged every `LoopConfig.diagnostics_every` = "
             f"{summary['settings']['loop']['diagnostics_every']} steps: at the last step, and "
-            "in brackets its peak over training; the worst seed of each cell.", ""]
+            "in brackets its peak over training; the worst seed of each cell.", "",
+            f"![composite backward gain by depth]({GAIN_FIGURE})", ""]
   for variant in g.variants:
     if any(c["composite_backward_gain"] for c in summary["cells"] if c["variant"] == variant):
       lines += [f"### {variant}", ""] + _table(g, variant, summary, _gain_text) + [""]
@@ -473,6 +517,7 @@ def run_experiment(settings: Settings, runs_dir: pathlib.Path, progress: bool) -
 def write_report(out: pathlib.Path, settings: Settings, preset: str, summary: dict) -> None:
   summary = {"settings": settings_summary(settings, preset), **summary}
   plot_map(out / FIGURE, settings, summary["cells"])
+  plot_gains(out / GAIN_FIGURE, settings, summary["cells"])
   # allow_nan: a failed run's losses may be NaN or infinite; JSON readers such as Python's
   # take the NaN / Infinity they are written as.
   (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -146,10 +146,12 @@ def check_confirm(out: pathlib.Path, confirm: dict, unigram_loss: float) -> None
 
 
 def check_report(out: pathlib.Path) -> None:
-  data = (out / "stability_map.png").read_bytes()
-  assert len(data) > 1000 and data[:8] == PNG_SIGNATURE
+  for figure in ("stability_map.png", "gain_by_depth.png"):
+    data = (out / figure).read_bytes()
+    assert len(data) > 1000 and data[:8] == PNG_SIGNATURE
   text = (out / "report.md").read_text()
-  assert "](stability_map.png)" in text and "moving average" in text
+  assert "](stability_map.png)" in text and "](gain_by_depth.png)" in text
+  assert "moving average" in text
   assert all(f"## {variant}" in text for variant in VARIANTS)
   assert text.count("| failed") == len(VARIANTS) * len(DEPTHS)
   assert "### hc" in text and "### prenorm" not in text  # gains: stream variants only
