@@ -294,17 +294,37 @@ def confirm_rate(settings: Settings, runs: list[dict]) -> float | None:
 
 
 def confirm_summary(runs: list[dict]) -> dict:
-  """Per arm of the confirm phase's `runs`: its runs, failures and failed seeds, and Fisher's
-  exact test of its failures against those of each arm in TESTED_AGAINST."""
+  """Per arm of the confirm phase's `runs`: its runs, failures and failed seeds; the final eval
+  loss (mean, sample std) of the runs that did not fail; the median and largest peak composite
+  backward gain (None without streams); Fisher's exact test of its failures against those of
+  each arm in TESTED_AGAINST."""
   arms = {}
   for run in runs:
     arms.setdefault(run["arm"], []).append(run)
   counts = {arm: (sum(r["failed"] for r in group), len(group)) for arm, group in arms.items()}
   return {arm: {"runs": total, "failed": failed,
                 "failed_seeds": [r["seed"] for r in arms[arm] if r["failed"]],
+                "trained_loss": _mean_std([r["final_eval_loss"] for r in arms[arm]
+                                           if not r["failed"]]),
+                "peak_gain": _median_max([r["composite_backward_gain"] for r in arms[arm]]),
                 "fisher": {other: significance.fisher_exact(failed, total, *counts[other])
                            for other in TESTED_AGAINST if other != arm}}
           for arm, (failed, total) in counts.items()}
+
+
+def _mean_std(losses: list[float]) -> dict | None:
+  if not losses:
+    return None
+  return {"mean": float(np.mean(losses)),
+          "std": float(np.std(losses, ddof=1)) if len(losses) > 1 else None}
+
+
+def _median_max(run_gains: list[dict | None]) -> dict | None:
+  if None in run_gains:
+    return None
+  peaks = [gain["peak"] for gain in run_gains]
+  # np.max: a NaN peak (a run that blew up) is the largest.
+  return {"median": float(np.median(peaks)), "max": float(np.max(peaks))}
 
 
 def log_edges(values) -> np.ndarray:
@@ -484,12 +504,22 @@ def _confirm_lines(confirm: dict) -> list[str]:
                     "confirm.", ""]
   lines += [f"At {confirm['depth']} blocks and learning rate {confirm['learning_rate']:g}, the "
             f"lowest where a seed of hc failed in the map: {confirm['seeds']} seeds per arm. "
-            "p: Fisher's exact test (two-sided) of the arm's failures against the other's.", "",
-            "| arm | failures | p vs prenorm | p vs hc |", "|---|---:|---:|---:|"]
+            "p: Fisher's exact test (two-sided) of the arm's failures against the other's. "
+            "The final eval loss is that of the runs that did not fail (mean ± std); the "
+            "peak composite backward gain, the median and the largest over the arm's runs.", "",
+            "| arm | failures | seeds failed | p vs prenorm | p vs hc | final eval loss, "
+            "runs not failed | peak composite backward gain, median (largest) |",
+            "|---|---:|---|---:|---:|---:|---:|"]
   for arm, entry in confirm["arms"].items():
     p = [f"{entry['fisher'][other]['p']:.3g}" if other in entry["fisher"] else "—"
          for other in TESTED_AGAINST]
-    lines.append(f"| {arm} | {entry['failed']}/{entry['runs']} | " + " | ".join(p) + " |")
+    loss, gain = entry["trained_loss"], entry["peak_gain"]
+    loss_text = "—" if loss is None else f"{loss['mean']:.3f}" + (
+        "" if loss["std"] is None else f" ± {loss['std']:.3f}")
+    gain_text = "—" if gain is None else f"{gain['median']:.3g} ({gain['max']:.3g})"
+    seeds = ", ".join(map(str, entry["failed_seeds"])) or "—"
+    lines.append(f"| {arm} | {entry['failed']}/{entry['runs']} | {seeds} | " + " | ".join(p)
+                 + f" | {loss_text} | {gain_text} |")
   return lines + [""]
 
 

@@ -155,7 +155,7 @@ def check_report(out: pathlib.Path) -> None:
   assert all(f"## {variant}" in text for variant in VARIANTS)
   assert text.count("| failed") == len(VARIANTS) * len(DEPTHS)
   assert "### hc" in text and "### prenorm" not in text  # gains: stream variants only
-  assert "## Confirm phase" in text and "| hc_static0.1x | 2/2 |" in text
+  assert "## Confirm phase" in text and "| hc_static0.1x | 2/2 | 0, 1 |" in text
 
 
 def test_map_then_confirm_then_reuse(preset, tmp_path):
@@ -206,10 +206,19 @@ def test_confirm_rate_is_the_lowest_where_hc_fails_at_its_depth():
 
 def test_confirm_summary_counts_failures_and_tests_them():
   arms = {"prenorm": [False] * 5, "hc": [True] * 4 + [False], "mhc": [True] + [False] * 4}
-  runs = [{"arm": arm, "seed": seed, "failed": f} for arm, fails in arms.items()
-          for seed, f in enumerate(fails)]
+  loss = lambda arm, seed: 2.0 + 0.1 * seed + (3.0 if arm == "hc" and seed < 4 else 0.0)
+  gain = lambda arm, seed: None if arm == "prenorm" else {"final": 1.0, "peak": 1.5 + seed}
+  runs = [{"arm": arm, "seed": seed, "failed": f, "final_eval_loss": loss(arm, seed),
+           "composite_backward_gain": gain(arm, seed)}
+          for arm, fails in arms.items() for seed, f in enumerate(fails)]
   summary = confirm_summary(runs)
   assert summary["hc"]["failed_seeds"] == [0, 1, 2, 3] and summary["mhc"]["failed"] == 1
+  # The runs that did not fail: prenorm's 2.0-2.4, mhc's 2.1-2.4, hc's one (no std).
+  assert summary["prenorm"]["trained_loss"] == pytest.approx({"mean": 2.2, "std": 0.158113883})
+  assert summary["mhc"]["trained_loss"] == pytest.approx({"mean": 2.25, "std": 0.129099445})
+  assert summary["hc"]["trained_loss"] == pytest.approx({"mean": 2.4, "std": None})
+  assert summary["prenorm"]["peak_gain"] is None
+  assert summary["hc"]["peak_gain"] == {"median": 3.5, "max": 5.5}
   # 4 of 5 against 0 of 5: two tables as extreme, each C(5, 4) C(5, 0) / C(10, 4) = 5 / 210.
   assert summary["hc"]["fisher"]["prenorm"]["p"] == pytest.approx(10 / 210, rel=1e-12)
   assert summary["prenorm"]["fisher"]["hc"]["p"] == pytest.approx(10 / 210, rel=1e-12)
