@@ -407,8 +407,8 @@ def plot_gains(path: pathlib.Path, settings: Settings, cell_list: list[dict]) ->
     ax.set_yscale("log")
     ax.set_xticks(g.depths, [str(d) for d in g.depths])
     ax.xaxis.set_minor_locator(NullLocator())
-    for axis in ("major", "minor"):  # plain numbers; minor ones labelled where mHC spans < 10x
-      ax.yaxis.set_tick_params(which=axis, labelsize=8)
+    ax.yaxis.set_tick_params(which="both", labelsize=8)
+    # Plain numbers; minor ticks labelled too where a panel spans under 10x (mHC's).
     ax.yaxis.set_major_formatter(LogFormatter())
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_title(variant, color=RESIDUALS[variant].color)
